@@ -1,0 +1,587 @@
+"""What the SAIL stages share: presets and model loading, device/dtype/seed, JSONL and
+pair files, images, prompt pools, checkpoints, logging and run-folder locks.
+
+Nothing here runs on its own except `python sail_common.py check-pools RUN_DIR`, which
+refuses (exit 2) when the prompt pools of a run overlap each other or the seed prompts.
+"""
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("sail")
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+CACHE_DIR = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail-kit"))
+
+
+class SailError(Exception):
+    """Bad input or a refused action: the stage prints the message and exits with status 2."""
+
+
+def run_stage(main, args):
+    """Run a stage's main(args); turn a SailError into one clear line on stderr and exit 2."""
+    try:
+        main(args)
+    except SailError as err:
+        log.error("error: %s", err)
+        if not log.handlers and not logging.getLogger().handlers:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- presets
+# Generation and training defaults follow the paper (section 5.1); `model` is a hub id, a local
+# folder, or a kit-built model ("tiny:sd15", "tiny:sdxl", "toy"). SAIL_SD15_PATH / SAIL_SDXL_PATH
+# point the real presets at a local copy of the weights.
+PRESETS = {
+    "sd15": dict(model=os.environ.get("SAIL_SD15_PATH", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                 arch="sd15", resolution=512, sampler="ddpm", steps=50, cfg=7.5, optimizer="adamw",
+                 mixed_precision="bf16", gen_batch=16, reward_batch=32, micro_batch=8, epochs=1,
+                 prompts_per_iter=[10000, 20000, 20000]),
+    "sdxl": dict(model=os.environ.get("SAIL_SDXL_PATH", "stabilityai/stable-diffusion-xl-base-1.0"),
+                 arch="sdxl", resolution=1024, sampler="ddim", steps=20, cfg=5.0, optimizer="adafactor",
+                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, epochs=1,
+                 prompts_per_iter=[10000, 20000]),
+    "tiny-sd15": dict(model="tiny:sd15", arch="sd15", resolution=32, sampler="ddim", steps=4, cfg=3.0,
+                      optimizer="adamw", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
+                      max_steps=2, batch_size=8, prompts_per_iter=[6, 6, 6]),
+    "tiny-sdxl": dict(model="tiny:sdxl", arch="sdxl", resolution=32, sampler="ddim", steps=4, cfg=3.0,
+                      optimizer="adafactor", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
+                      max_steps=2, batch_size=8, prompts_per_iter=[6, 6]),
+    # The CPU toy world (toy_world.py): a briefly pretrained small model of the SD1.5 architecture.
+    "toy": dict(model="toy", arch="sd15", resolution=32, sampler="ddim", steps=20, cfg=1.0,
+                optimizer="adamw", mixed_precision="no", gen_batch=64, reward_batch=160, micro_batch=32,
+                lr=1e-6, batch_size=32, max_steps=300, prompts_per_iter=[64, 64, 64]),
+}
+SCHEDULE_DEFAULTS = dict(lr_per_pair=1e-8, batch_size=128, beta=5000.0, num_candidates=8, reward_draws=10)
+
+
+def get_preset(name):
+    if name not in PRESETS:
+        raise SailError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def fill_defaults(args, preset, names):
+    """Set each args.<name> that is None from the preset (argparse defaults stay None for these)."""
+    for name in names:
+        if getattr(args, name, None) is None and name in preset:
+            setattr(args, name, preset[name])
+    return args
+
+
+# ---------------------------------------------------------------- device, dtype, seeds
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name):
+    table = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise SailError(f"unknown precision '{name}'; choose one of: {', '.join(table)}")
+    return table[name]
+
+
+def inference_dtype(device, mixed_precision):
+    """Frozen models run in half precision on a GPU, in float32 on the CPU."""
+    return torch.float32 if device.type == "cpu" else torch_dtype(mixed_precision if mixed_precision != "no" else "fp32")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts):
+    """A stable 63-bit seed from any parts, e.g. (run seed, prompt_id, sample index)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------- logging and args
+def setup_logging(out_dir, stage):
+    """Plain logs to stdout and to <out_dir>/log.txt (appended, one header line per start)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    fmt = logging.Formatter(f"%(asctime)s {stage} %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(out_dir / "log.txt")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("diffusers", "transformers", "accelerate", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def save_args(out_dir, stage, args, **extra):
+    """Write <out_dir>/<stage>.args.json: the arguments and where the stage ran."""
+    info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    info.update(extra, _host=socket.gethostname(), _time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write_json_atomic(Path(out_dir) / f"{stage}.args.json", info)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on a terminal, silent in logs and tests."""
+    from tqdm.auto import tqdm
+    kwargs.setdefault("disable", not sys.stderr.isatty())
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+# ---------------------------------------------------------------- atomic files, JSONL
+def write_json_atomic(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows):
+    """Write rows to a temporary name and rename it into place, so readers see all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, required=(), types=None, allow_truncated_tail=False):
+    """Read a JSONL file; a malformed line, a missing field or a field of the wrong type stops
+    with a SailError naming file and line. `types` maps field -> type or tuple of types.
+    With allow_truncated_tail, an unterminated last line (a killed writer) is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise SailError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if allow_truncated_tail and lineno == len(lines) and not line.endswith("\n"):
+                break
+            raise SailError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise SailError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise SailError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        for key, kind in (types or {}).items():
+            if key in row and (isinstance(row[key], bool) or not isinstance(row[key], kind)):
+                raise SailError(f"{path}:{lineno}: field '{key}' has the wrong type ({type(row[key]).__name__})")
+        row["_line"] = lineno
+        rows.append(row)
+    return rows
+
+
+def strip_private(row):
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------- images
+def load_image(path, where=""):
+    """Open an image as RGB; a missing or unreadable file stops with a message naming it."""
+    path = Path(path)
+    prefix = f"{where}: " if where else ""
+    if not path.is_file():
+        raise SailError(f"{prefix}image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises many kinds for a corrupt file
+        raise SailError(f"{prefix}unreadable image {path} ({type(err).__name__}: {err})") from None
+
+
+def save_image_atomic(image, path):
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def image_is_complete(path):
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------- pairs and prompts
+PAIR_FIELDS = ("prompt", "image_w", "image_l", "source")
+PAIR_TYPES = {"prompt": str, "image_w": str, "image_l": str, "source": str, "p": (int, float),
+              "reward_w": (int, float), "reward_l": (int, float), "prompt_id": str}
+
+
+def read_pairs(path, check_images=True):
+    """Read a pair file. Image paths are relative to the file's folder; the returned rows carry
+    absolute paths in `_image_w`/`_image_l`. Every problem names the file and line."""
+    path = Path(path)
+    rows = read_jsonl(path, required=PAIR_FIELDS, types=PAIR_TYPES)
+    if not rows:
+        raise SailError(f"{path}: no pairs in file")
+    for row in rows:
+        where = f"{path}:{row['_line']}"
+        if row["source"] not in ("human", "self"):
+            raise SailError(f"{where}: source must be 'human' or 'self', got '{row['source']}'")
+        if row["image_w"] == row["image_l"]:
+            raise SailError(f"{where}: image_w and image_l are the same file ({row['image_w']})")
+        for side in ("image_w", "image_l"):
+            full = (path.parent / row[side]).resolve()
+            if check_images and not full.is_file():
+                raise SailError(f"{where}: image not found: {full}")
+            row["_" + side] = full
+    return rows
+
+
+def relative_to(target, folder):
+    """Path of target relative to folder, for portable JSONL files."""
+    return os.path.relpath(Path(target).resolve(), Path(folder).resolve())
+
+
+def read_prompts(path):
+    """A prompt pool: {"prompt_id": str, "prompt": str} per line, ids and prompts unique."""
+    path = Path(path)
+    rows = read_jsonl(path, required=("prompt_id", "prompt"), types={"prompt_id": str, "prompt": str})
+    if not rows:
+        raise SailError(f"{path}: empty prompt file")
+    seen_ids, seen_prompts = {}, {}
+    for row in rows:
+        where = f"{path}:{row['_line']}"
+        if not row["prompt"].strip():
+            raise SailError(f"{where}: empty prompt")
+        if row["prompt_id"] in seen_ids:
+            raise SailError(f"{where}: duplicate prompt_id '{row['prompt_id']}' (first on line {seen_ids[row['prompt_id']]})")
+        if row["prompt"] in seen_prompts:
+            raise SailError(f"{where}: duplicate prompt (first on line {seen_prompts[row['prompt']]}): {row['prompt'][:80]!r}")
+        seen_ids[row["prompt_id"]] = seen_prompts[row["prompt"]] = row["_line"]
+    return rows
+
+
+def normalise_prompt(text):
+    return " ".join(text.lower().split())
+
+
+def check_pools_disjoint(run_dir):
+    """Pools of different iterations must share no prompt with each other, with the seed pairs, or
+    with the evaluation prompts of the run (eval/prompts.jsonl). Raises naming the overlap."""
+    run_dir = Path(run_dir)
+    sets = {}
+    for pool in sorted((run_dir / "pools").glob("iter_*.jsonl")):
+        sets[str(pool)] = {normalise_prompt(r["prompt"]) for r in read_prompts(pool)}
+    seed = run_dir / "seed" / "pairs.jsonl"
+    if seed.is_file():
+        sets[str(seed)] = {normalise_prompt(r["prompt"]) for r in read_jsonl(seed, required=("prompt",))}
+    evals = run_dir / "eval" / "prompts.jsonl"
+    if evals.is_file():
+        sets[str(evals)] = {normalise_prompt(r["prompt"]) for r in read_prompts(evals)}
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if "pools" not in a and "pools" not in b:
+                continue  # seed and eval prompts are the data importer's business
+            common = sets[a] & sets[b]
+            if common:
+                example = sorted(common)[:3]
+                raise SailError(f"prompt sets overlap: {a} and {b} share {len(common)} prompt(s), e.g. {example}")
+    return sets
+
+
+# ---------------------------------------------------------------- run-folder lock
+@contextlib.contextmanager
+def folder_lock(folder, stage):
+    """Refuse a second stage writing into the same folder at once. A lock left by a killed
+    process (its pid is gone on this host) is taken over."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    me = f"{socket.gethostname()} {os.getpid()} {stage}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            holder = lock.read_text().split() if lock.exists() else []
+            if len(holder) >= 2 and holder[0] == socket.gethostname() and not _pid_alive(int(holder[1])):
+                lock.unlink(missing_ok=True)
+                continue
+            raise SailError(f"{folder} is locked by another stage ({' '.join(holder)}); "
+                            f"wait for it, or delete {lock} if that process is gone") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# ---------------------------------------------------------------- tiny models (tests, CPU runs)
+def _write_byte_tokenizer(folder):
+    """A CLIP byte-level BPE vocabulary with no merges: every byte is a token."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {}
+    for ch in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[ch] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+def build_tiny_pipeline(arch, out_dir, seed=0):
+    """Save a randomly initialised pipeline of the real SD1.5 or SDXL architecture, small enough
+    for a CPU, to out_dir (diffusers layout). Same seed, same weights."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    vocab_size = _write_byte_tokenizer(tmp / "_tok")
+    tokenizer = CLIPTokenizer(str(tmp / "_tok" / "vocab.json"), str(tmp / "_tok" / "merges.txt"), model_max_length=77)
+    text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                    pad_token_id=vocab_size - 1, projection_dim=32, max_position_embeddings=77)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    unet_cfg = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                    norm_num_groups=8, attention_head_dim=4)
+    if arch == "sd15":
+        unet = UNet2DConditionModel(cross_attention_dim=32, **unet_cfg)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    elif arch == "sdxl":
+        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **unet_cfg)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+                                         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)),
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        raise SailError(f"unknown architecture '{arch}' (sd15 or sdxl)")
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(tmp / "_tok")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_model_path(model):
+    """A preset's model name -> something from_pretrained accepts. Kit-built models are made
+    (deterministically) on first use under $SAIL_CACHE."""
+    if model in ("tiny:sd15", "tiny:sdxl"):
+        path = CACHE_DIR / model.replace(":", "-")
+        if not (path / "model_index.json").is_file():
+            build_tiny_pipeline(model.split(":")[1], path)
+        return str(path)
+    if model == "toy":
+        import toy_world
+        return str(toy_world.ensure_toy_base(CACHE_DIR))
+    looks_local = model.startswith((".", "/", "~")) or os.sep in model and Path(model).exists() or Path(model).exists()
+    if looks_local:
+        path = Path(model).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise SailError(f"model path {path} is not a diffusers pipeline folder (no model_index.json)")
+        return str(path)
+    return model  # a hub id; from_pretrained downloads or uses its cache
+
+
+# ---------------------------------------------------------------- checkpoints
+def read_checkpoint_info(ckpt):
+    ckpt = Path(ckpt)
+    info_path = ckpt / "sail.json"
+    if not info_path.is_file() or not (ckpt / "unet" / "config.json").is_file():
+        raise SailError(f"{ckpt} is not a finished SAIL checkpoint (needs sail.json and unet/)")
+    try:
+        return json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SailError(f"{info_path}: malformed JSON ({err.msg})") from None
+
+
+def describe_model(spec):
+    """A --model value (preset name, checkpoint folder or pipeline path) ->
+    dict(base_model=..., arch=..., unet=<folder or None>, preset=..., iteration=...)."""
+    path = Path(spec)
+    if (path / "sail.json").is_file():
+        info = read_checkpoint_info(path)
+        return dict(base_model=info["base_model"], arch=info["arch"], unet=str(path / "unet"),
+                    preset=info.get("preset"), iteration=info.get("iteration"), ckpt=str(path))
+    if spec in PRESETS:
+        preset = get_preset(spec)
+        return dict(base_model=resolve_model_path(preset["model"]), arch=preset["arch"], unet=None, preset=spec,
+                    iteration=None, ckpt=None)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise SailError(f"{path} is neither a SAIL checkpoint (sail.json) nor a diffusers pipeline (model_index.json)")
+    base = resolve_model_path(spec)
+    arch = "sdxl" if _is_sdxl(base) else "sd15"
+    return dict(base_model=base, arch=arch, unet=None, preset=None, iteration=None, ckpt=None)
+
+
+def _is_sdxl(model_path):
+    index = Path(model_path) / "model_index.json"
+    if index.is_file():
+        return "text_encoder_2" in json.loads(index.read_text())
+    return "xl" in model_path.lower()
+
+
+def load_unet(desc, dtype=torch.float32):
+    from diffusers import UNet2DConditionModel
+    try:
+        if desc["unet"]:
+            return UNet2DConditionModel.from_pretrained(desc["unet"], torch_dtype=dtype)
+        return UNet2DConditionModel.from_pretrained(desc["base_model"], subfolder="unet", torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise SailError(f"cannot load the UNet of {desc['unet'] or desc['base_model']}: {err}") from None
+
+
+def load_pipeline(desc, device, dtype, sampler=None):
+    """The diffusers pipeline of the base model with the checkpoint's UNet swapped in."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    cls = StableDiffusionXLPipeline if desc["arch"] == "sdxl" else StableDiffusionPipeline
+    extra = {} if desc["arch"] == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(desc["base_model"], unet=load_unet(desc, dtype), torch_dtype=dtype, **extra)
+    except (OSError, ValueError) as err:
+        raise SailError(f"cannot load model {desc['base_model']}: {err}") from None
+    if sampler:
+        sched_cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler]
+        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def save_checkpoint(unet, ckpt, info):
+    """Write ckpt/unet (diffusers safetensors) and ckpt/sail.json under a temporary name, then
+    rename, so a checkpoint folder that exists is always complete."""
+    ckpt = Path(ckpt)
+    if ckpt.exists():
+        raise SailError(f"{ckpt} exists already; not overwriting it")
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    write_json_atomic(tmp / "sail.json", info)
+    os.replace(tmp, ckpt)
+
+
+def export_pipeline(ckpt, out_dir):
+    """A full pipeline folder that plain `DiffusionPipeline.from_pretrained(out_dir)` loads."""
+    desc = describe_model(ckpt)
+    pipe = load_pipeline(desc, torch.device("cpu"), torch.float32)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- text conditioning and UNet calls
+@torch.no_grad()
+def encode_prompts(pipe, prompts, device):
+    """Text conditioning for a list of prompts, without guidance: a dict that unet_call takes."""
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return {"embeds": embeds, "pooled": pooled}
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return {"embeds": embeds}
+
+
+def select_cond(cond, index):
+    return {k: v[index] for k, v in cond.items()}
+
+
+def unet_call(unet, latents, timesteps, cond, resolution):
+    """The UNet's noise prediction; SDXL also takes pooled text embeddings and size/crop ids."""
+    kwargs = {}
+    if "pooled" in cond:
+        ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=latents.device,
+                           dtype=cond["pooled"].dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": ids.repeat(latents.shape[0], 1)}
+    return unet(latents, timesteps, encoder_hidden_states=cond["embeds"], **kwargs).sample
+
+
+def prediction_target(scheduler, latents, noise, timesteps):
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+@torch.no_grad()
+def encode_images(vae, images, device, sample_generator=None):
+    """PIL images -> scaled VAE latents (the posterior mean, or a sample with a generator)."""
+    arr = np.stack([np.asarray(img, dtype=np.float32) / 127.5 - 1.0 for img in images])
+    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).to(device=device, dtype=vae.dtype)
+    dist = vae.encode(pixels).latent_dist
+    latents = dist.sample(sample_generator) if sample_generator is not None else dist.mean
+    return latents * vae.config.scaling_factor
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "check-pools":
+        try:
+            sets = check_pools_disjoint(sys.argv[2])
+        except SailError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        print(f"prompt sets disjoint: {', '.join(f'{Path(k).name} ({len(v)})' for k, v in sets.items())}")
+    else:
+        print(__doc__)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
