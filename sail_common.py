@@ -38,9 +38,11 @@ def run_stage(main, args):
     try:
         main(args)
     except SailError as err:
-        log.error("error: %s", err)
-        if not log.handlers and not logging.getLogger().handlers:
-            print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.stream.write(f"error: {err}\n")
+                handler.flush()
         sys.exit(2)
 
 
@@ -322,6 +324,9 @@ def check_pools_disjoint(run_dir):
 def folder_lock(folder, stage):
     """Refuse a second stage writing into the same folder at once. A lock left by a killed
     process (its pid is gone on this host) is taken over."""
+    if os.environ.get("RANK", "0") != "0":  # only the main process of a multi-process launch locks
+        yield
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
@@ -452,22 +457,24 @@ def read_checkpoint_info(ckpt):
 
 
 def describe_model(spec):
-    """A --model value (preset name, checkpoint folder or pipeline path) ->
-    dict(base_model=..., arch=..., unet=<folder or None>, preset=..., iteration=...)."""
+    """A --model value (preset name, checkpoint folder or pipeline path) -> dict(base_model=<as
+    named: preset model, hub id or path>, base_path=<what from_pretrained loads>, arch, unet=<folder
+    or None>, preset, iteration, ckpt). Checkpoints record the base model as named, so a run
+    folder that moves to another machine still finds kit-built and hub models."""
     path = Path(spec)
     if (path / "sail.json").is_file():
         info = read_checkpoint_info(path)
-        return dict(base_model=info["base_model"], arch=info["arch"], unet=str(path / "unet"),
-                    preset=info.get("preset"), iteration=info.get("iteration"), ckpt=str(path))
+        return dict(base_model=info["base_model"], base_path=resolve_model_path(info["base_model"]), arch=info["arch"],
+                    unet=str(path / "unet"), preset=info.get("preset"), iteration=info.get("iteration"), ckpt=str(path))
     if spec in PRESETS:
         preset = get_preset(spec)
-        return dict(base_model=resolve_model_path(preset["model"]), arch=preset["arch"], unet=None, preset=spec,
-                    iteration=None, ckpt=None)
+        return dict(base_model=preset["model"], base_path=resolve_model_path(preset["model"]), arch=preset["arch"],
+                    unet=None, preset=spec, iteration=None, ckpt=None)
     if path.exists() and not (path / "model_index.json").is_file():
         raise SailError(f"{path} is neither a SAIL checkpoint (sail.json) nor a diffusers pipeline (model_index.json)")
     base = resolve_model_path(spec)
     arch = "sdxl" if _is_sdxl(base) else "sd15"
-    return dict(base_model=base, arch=arch, unet=None, preset=None, iteration=None, ckpt=None)
+    return dict(base_model=spec, base_path=base, arch=arch, unet=None, preset=None, iteration=None, ckpt=None)
 
 
 def _is_sdxl(model_path):
@@ -482,20 +489,22 @@ def load_unet(desc, dtype=torch.float32):
     try:
         if desc["unet"]:
             return UNet2DConditionModel.from_pretrained(desc["unet"], torch_dtype=dtype)
-        return UNet2DConditionModel.from_pretrained(desc["base_model"], subfolder="unet", torch_dtype=dtype)
+        return UNet2DConditionModel.from_pretrained(desc["base_path"], subfolder="unet", torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        raise SailError(f"cannot load the UNet of {desc['unet'] or desc['base_model']}: {err}") from None
+        raise SailError(f"cannot load the UNet of {desc['unet'] or desc['base_path']}: {err}") from None
 
 
 def load_pipeline(desc, device, dtype, sampler=None):
     """The diffusers pipeline of the base model with the checkpoint's UNet swapped in."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.disable_progress_bar()
     cls = StableDiffusionXLPipeline if desc["arch"] == "sdxl" else StableDiffusionPipeline
     extra = {} if desc["arch"] == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_pretrained(desc["base_model"], unet=load_unet(desc, dtype), torch_dtype=dtype, **extra)
+        pipe = cls.from_pretrained(desc["base_path"], unet=load_unet(desc, dtype), torch_dtype=dtype, **extra)
     except (OSError, ValueError) as err:
-        raise SailError(f"cannot load model {desc['base_model']}: {err}") from None
+        raise SailError(f"cannot load model {desc['base_path']}: {err}") from None
     if sampler:
         sched_cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler]
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)

@@ -1,0 +1,138 @@
+"""Candidate generation: N images for every prompt of an iteration's pool, with the current model.
+
+Each image has its own seed, derive_seed(--seed, prompt_id, index), so a rerun reproduces it
+bit for bit on the same hardware and batch size. Prompts are batched; a killed run, rerun,
+generates only the images that are missing. Paper defaults come from the checkpoint's preset:
+SD1.5 DDPM 50 steps CFG 7.5 at 512 px, SDXL DDIM 20 steps CFG 5 at 1024 px, N = 8.
+
+Command (iteration i of a run):
+    python 01_generate.py --run runs/toy --iter 1
+is short for
+    python 01_generate.py --ckpt runs/toy/iter_00/ckpt --pool runs/toy/pools/iter_01.jsonl --out runs/toy/iter_01
+Several GPUs: `accelerate launch 01_generate.py ...` shards the images over processes; the files
+are the same as from one process.
+
+Reads:  the prompt pool ({"prompt_id", "prompt"} per line), the checkpoint and its base model;
+        with --run, every pool, seed and eval prompt file of the run (they must be disjoint).
+Writes: <out>/images/<prompt_id>_<index>.png, then <out>/generations.jsonl (one line per image:
+        prompt_id, prompt, index, seed, image path relative to <out>), generate.args.json, log.txt.
+"""
+import argparse
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+
+import sail_common as sc
+
+log = logging.getLogger("sail")
+PRESET_KEYS = ("sampler", "steps", "cfg", "resolution", "mixed_precision", "gen_batch")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="run folder; with --iter, sets --ckpt/--pool/--out")
+    p.add_argument("--iter", type=int, help="iteration number (1, 2, ...)")
+    p.add_argument("--ckpt", help="model to sample from: checkpoint folder (or preset / pipeline)")
+    p.add_argument("--pool", type=Path, help="prompt pool JSONL")
+    p.add_argument("--out", type=Path, help="iteration folder to write images/ and generations.jsonl into")
+    p.add_argument("--num-candidates", type=int, default=8, help="images per prompt (paper: N = 8)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--gen-batch", type=int, help="images per pipeline call")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first N prompts of the pool (quick runs)")
+    return p
+
+
+def resolve_paths(args):
+    if args.run is not None and args.iter is not None:
+        args.ckpt = args.ckpt or str(args.run / f"iter_{args.iter - 1:02d}" / "ckpt")
+        args.pool = args.pool or args.run / "pools" / f"iter_{args.iter:02d}.jsonl"
+        args.out = args.out or args.run / f"iter_{args.iter:02d}"
+    if not (args.ckpt and args.pool and args.out):
+        raise sc.SailError("give --run and --iter, or all of --ckpt, --pool and --out")
+    return args
+
+
+def image_name(prompt_id, index):
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", prompt_id)
+    if safe != prompt_id:  # keep names unique when the id had characters a file name cannot
+        safe += "-" + hashlib.sha1(prompt_id.encode()).hexdigest()[:8]
+    return f"{safe}_{index}.png"
+
+
+def main(args):
+    from accelerate import PartialState
+
+    state = PartialState()
+    args = resolve_paths(args)
+    out = Path(args.out)
+    if state.is_main_process:
+        sc.setup_logging(out, "generate")
+    finished = out / "generations.jsonl"
+    if finished.exists():
+        log.info("%s exists; skipping generation (delete it to generate again)", finished)
+        return
+    desc = sc.describe_model(args.ckpt)
+    preset = sc.get_preset(desc["preset"] or "sd15")
+    sc.fill_defaults(args, preset, PRESET_KEYS)
+    if args.run is not None:
+        sc.check_pools_disjoint(args.run)
+    prompts = sc.read_prompts(args.pool)[: args.limit]
+    jobs = []
+    for row in prompts:
+        for k in range(args.num_candidates):
+            jobs.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
+                             seed=sc.derive_seed(args.seed, row["prompt_id"], k),
+                             image=f"images/{image_name(row['prompt_id'], k)}"))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        sc.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
+    todo = [j for j in jobs if not sc.image_is_complete(out / j["image"])]
+    mine = todo[state.process_index::state.num_processes]
+    log.info("%d prompts x %d candidates from %s: %d images to make (%d there already) | %s %d steps cfg %g %dpx",
+             len(prompts), args.num_candidates, args.ckpt, len(todo), len(jobs) - len(todo), args.sampler, args.steps,
+             args.cfg, args.resolution)
+
+    if mine:
+        dtype = sc.inference_dtype(state.device, args.mixed_precision)
+        pipe = sc.load_pipeline(desc, state.device, dtype, sampler=args.sampler)
+        start = time.time()
+        bar = sc.progress(total=len(mine), desc=f"generate[{state.process_index}]")
+        for b in range(0, len(mine), args.gen_batch):
+            batch = mine[b:b + args.gen_batch]
+            generators = [torch.Generator().manual_seed(j["seed"]) for j in batch]
+            with torch.inference_mode():
+                images = pipe(prompt=[j["prompt"] for j in batch], generator=generators, num_inference_steps=args.steps,
+                              guidance_scale=args.cfg, height=args.resolution, width=args.resolution).images
+            for job, image in zip(batch, images):
+                sc.save_image_atomic(image, out / job["image"])
+            bar.update(len(batch))
+        bar.close()
+        log.info("made %d images in %.1f s (%.2f images/s)", len(mine), time.time() - start,
+                 len(mine) / max(1e-9, time.time() - start))
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        missing = [j["image"] for j in jobs if not (out / j["image"]).is_file()]
+        if missing:
+            raise sc.SailError(f"{len(missing)} images missing after generation, e.g. {out / missing[0]}")
+        sc.write_jsonl_atomic(finished, jobs)
+        log.info("wrote %s (%d images)", finished, len(jobs))
+
+
+def locked_main(args):
+    args = resolve_paths(args)
+    with sc.folder_lock(args.out, "generate"):
+        main(args)
+
+
+if __name__ == "__main__":
+    sc.run_stage(locked_main, build_parser().parse_args())

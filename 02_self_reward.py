@@ -1,0 +1,199 @@
+"""Self-rewarding ranking: the model's implicit reward (Eq. 8) for every candidate image, and one
+self-labelled preference pair per prompt.
+
+    r(x) = -beta/2 * mean over K draws of ( ||eps - eps_theta(x_t, y, t)||^2 - ||eps - eps_ref(x_t, y, t)||^2 )
+
+eps_theta is the current model, eps_ref the base model (--ref chooses another), errors are means
+over the latent's elements (the convention the DPO loss and its beta = 5000 use). K = 10 draws
+of (t, noise) by default (the paper's SR1; 20 and 30 are SR2/SR3). By default all N candidates
+of a prompt share the same K draws (common random numbers): the comparison between images is
+what matters, and shared draws remove most of its noise; --no-common-draws draws per image.
+Pairs: best vs worst of the N (the paper), or --pairing random (Table 5 ablation); a prompt
+whose chosen images tie (e.g. a model equal to its reference: every reward is 0) gives no pair.
+
+Command (iteration i of a run):
+    python 02_self_reward.py --run runs/toy --iter 1
+is short for
+    python 02_self_reward.py --ckpt runs/toy/iter_00/ckpt --dir runs/toy/iter_01
+Several GPUs: `accelerate launch 02_self_reward.py ...` shards the prompts.
+
+Reads:  <dir>/generations.jsonl and its images; the checkpoint; the reference (default: the
+        checkpoint's base model).
+Writes: <dir>/rewards.jsonl (one line per image: prompt_id, index, image, reward, reward_se),
+        <dir>/pairs.jsonl (prompt, prompt_id, image_w, image_l, source "self", p = sigmoid(r_w - r_l),
+        reward_w, reward_l), self_reward.args.json, log.txt. While running, finished prompts go
+        to rewards.partial.*.jsonl; a killed run continues from there.
+"""
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import sail_common as sc
+
+log = logging.getLogger("sail")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="run folder; with --iter, sets --ckpt/--dir")
+    p.add_argument("--iter", type=int, help="iteration number (1, 2, ...)")
+    p.add_argument("--ckpt", help="the current model: checkpoint folder")
+    p.add_argument("--ref", default="base", help="reference model: 'base' (the checkpoint's base model) or a model")
+    p.add_argument("--dir", type=Path, help="iteration folder holding generations.jsonl")
+    p.add_argument("--beta", type=float, default=5000.0)
+    p.add_argument("--draws", type=int, default=10, help="K random (t, noise) draws per image (paper: 10)")
+    p.add_argument("--no-common-draws", action="store_true", help="independent draws per image")
+    p.add_argument("--pairing", choices=["best-worst", "random"], default="best-worst")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop pairs with sigmoid(r_w - r_l) below this")
+    p.add_argument("--reward-batch", type=int, help="UNet inputs per forward pass")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def resolve_paths(args):
+    if args.run is not None and args.iter is not None:
+        args.ckpt = args.ckpt or str(args.run / f"iter_{args.iter - 1:02d}" / "ckpt")
+        args.dir = args.dir or args.run / f"iter_{args.iter:02d}"
+    if not (args.ckpt and args.dir):
+        raise sc.SailError("give --run and --iter, or both --ckpt and --dir")
+    return args
+
+
+def read_finished(folder, per_prompt):
+    """Rows of prompts whose every candidate was scored by an earlier, killed run."""
+    rows = []
+    for part in sorted(folder.glob("rewards.partial.*.jsonl")):
+        rows += sc.read_jsonl(part, allow_truncated_tail=True)
+    by_prompt = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt_id"], {})[row["index"]] = sc.strip_private(row)
+    return {pid: r for pid, r in by_prompt.items() if len(r) == per_prompt.get(pid, -1)}
+
+
+def choose_pair(pid, group, pairing, seed):
+    """(winner, loser) rows of one prompt, or None when their rewards tie."""
+    if pairing == "best-worst":
+        ranked = sorted(group, key=lambda r: (r["reward"], -r["index"]))
+        low, high = ranked[0], ranked[-1]
+    else:
+        a, b = random.Random(sc.derive_seed(seed, "pair", pid)).sample(group, 2)
+        low, high = sorted((a, b), key=lambda r: r["reward"])
+    if high["reward"] == low["reward"]:
+        return None
+    return high, low
+
+
+def main(args):
+    from accelerate import PartialState
+
+    state = PartialState()
+    args = resolve_paths(args)
+    folder = Path(args.dir)
+    if state.is_main_process:
+        sc.setup_logging(folder, "self_reward")
+    if (folder / "pairs.jsonl").exists():
+        log.info("%s exists; skipping (delete it and rewards.jsonl to score again)", folder / "pairs.jsonl")
+        return
+    desc = sc.describe_model(args.ckpt)
+    preset = sc.get_preset(desc["preset"] or "sd15")
+    sc.fill_defaults(args, preset, ("reward_batch", "mixed_precision"))
+    ref_desc = dict(desc, unet=None) if args.ref == "base" else sc.describe_model(args.ref)
+    gen_file = folder / "generations.jsonl"
+    gens = sc.read_jsonl(gen_file, required=("prompt_id", "prompt", "index", "image"),
+                         types={"prompt_id": str, "prompt": str, "index": int, "image": str})
+    groups = {}
+    for row in gens:
+        groups.setdefault(row["prompt_id"], []).append(row)
+    small = [pid for pid, g in groups.items() if len(g) < 2]
+    if small:
+        raise sc.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
+    finished = read_finished(folder, {pid: len(g) for pid, g in groups.items()})
+    todo = [pid for pid in groups if pid not in finished][state.process_index::state.num_processes]
+    if state.is_main_process:
+        sc.save_args(folder, "self_reward", args, model=desc, reference=ref_desc, num_processes=state.num_processes)
+    log.info("self-reward of %d images (%d prompts, %d scored already) | model %s vs reference %s | K=%d %s draws, beta %g",
+             len(gens), len(groups), len(finished), args.ckpt, ref_desc["unet"] or ref_desc["base_model"], args.draws,
+             "independent" if args.no_common_draws else "common", args.beta)
+
+    if todo:
+        device = state.device
+        dtype = sc.inference_dtype(device, args.mixed_precision)
+        pipe = sc.load_pipeline(desc, device, dtype)
+        if desc["arch"] == "sdxl":
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        unet, ref_unet = pipe.unet.eval(), sc.load_unet(ref_desc, dtype).to(device).eval()
+        from diffusers import DDPMScheduler
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        resolution = preset["resolution"]
+        start = time.time()
+        with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:
+            for pid in sc.progress(todo, desc="self-reward"):
+                group = groups[pid]
+                images = [sc.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
+                latents = sc.encode_images(pipe.vae, images, device).to(dtype)
+                cond = sc.encode_prompts(pipe, [group[0]["prompt"]], device)
+                reward, se = sc.self_rewards(unet, ref_unet, noise_scheduler, latents, cond, resolution, args.draws, args.beta,
+                                             seed=sc.derive_seed(args.seed, "draws", pid),
+                                             common_draws=not args.no_common_draws, batch_size=args.reward_batch)
+                if not torch.isfinite(reward).all():
+                    raise sc.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
+                                       f"check the checkpoint {args.ckpt} (NaN weights?) or use --mixed-precision no")
+                lines = [dict(prompt_id=pid, prompt=r["prompt"], index=r["index"], image=r["image"],
+                              reward=reward[i].item(), reward_se=se[i].item(), draws=args.draws)
+                         for i, r in enumerate(group)]
+                partial.write("".join(json.dumps(x) + "\n" for x in lines))
+                partial.flush()
+        elapsed = time.time() - start
+        n_images = sum(len(groups[p]) for p in todo)
+        log.info("scored %d images in %.1f s (%.2f rewards/s, %d UNet passes each)", n_images, elapsed,
+                 n_images / max(elapsed, 1e-9), 2 * args.draws)
+
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    scored = read_finished(folder, {pid: len(g) for pid, g in groups.items()})
+    missing = [pid for pid in groups if pid not in scored]
+    if missing:
+        raise sc.SailError(f"{len(missing)} prompts were not scored, e.g. '{missing[0]}'")
+    rewards = [scored[r["prompt_id"]][r["index"]] for r in gens]
+    pairs, ties, filtered = [], 0, 0
+    for pid, group in groups.items():
+        chosen = choose_pair(pid, [scored[pid][r["index"]] for r in group], args.pairing, args.seed)
+        if chosen is None:
+            ties += 1
+            continue
+        win, lose = chosen
+        p = 1.0 / (1.0 + math.exp(-(win["reward"] - lose["reward"])))
+        if p < args.min_p:
+            filtered += 1
+            continue
+        pairs.append(dict(prompt=win["prompt"], prompt_id=pid, image_w=win["image"], image_l=lose["image"], source="self",
+                          p=round(p, 6), reward_w=win["reward"], reward_l=lose["reward"]))
+    if not pairs:
+        raise sc.SailError(f"no pair could be formed from {gen_file}: all {ties} prompts tie (a model equal to its "
+                           f"reference gives reward 0 to every image; train iteration 0 first) or fail --min-p")
+    sc.write_jsonl_atomic(folder / "rewards.jsonl", rewards)
+    sc.write_jsonl_atomic(folder / "pairs.jsonl", pairs)
+    for part in folder.glob("rewards.partial.*.jsonl"):
+        part.unlink()
+    mean_se = sum(r["reward_se"] for r in rewards) / len(rewards)
+    mean_p = sum(p["p"] for p in pairs) / len(pairs)
+    log.info("wrote %d pairs (%s; %d ties, %d below --min-p) | mean reward s.e. %.3f | mean p(w > l) %.3f",
+             len(pairs), args.pairing, ties, filtered, mean_se, mean_p)
+
+
+def locked_main(args):
+    args = resolve_paths(args)
+    with sc.folder_lock(args.dir, "self_reward"):
+        main(args)
+
+
+if __name__ == "__main__":
+    sc.run_stage(locked_main, build_parser().parse_args())

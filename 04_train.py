@@ -1,0 +1,273 @@
+"""DiffusionDPO on a pair file: the preference-optimisation step of every SAIL iteration.
+
+The start model is also the frozen reference (the paper's setting: iteration i trains from
+epsilon^i with epsilon^i as reference). Each pair's two images get the same crop, flip,
+timestep and noise; the preferred and dispreferred halves go through the UNet as one batch,
+the reference runs once per batch without gradients. Loss: dpo_loss.py (beta 5000).
+
+Commands (iteration i of a run; iteration 0 is the seed DPO, see 00_seed_dpo.py):
+    python 04_train.py --run runs/toy --iter 1
+is short for
+    python 04_train.py --init runs/toy/iter_00/ckpt --pairs runs/toy/iter_01/train_pairs.jsonl \
+        --out runs/toy/iter_01/ckpt
+Several GPUs: `accelerate launch 04_train.py ...` (the effective batch stays --batch-size pairs).
+
+Reads:  the pair file and its images; the start checkpoint (ckpt/unet + sail.json) or, for
+        iteration 0, the preset's base model.
+Writes: <out>/unet/ (diffusers safetensors), <out>/sail.json (where it came from),
+        <out>/train_log.jsonl; train.args.json and log.txt beside <out>. While it runs,
+        <out>.partial/ holds resumable state every --save-every steps; a killed run continues
+        from there when rerun (--restart discards it). A finished <out> is never overwritten.
+
+Learning rate: DiffusionDPO's scaled rule, lr = 1e-8 per pair x effective batch (128 -> 1.28e-6).
+"""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import sail_common as sc
+from dpo_loss import dpo_loss
+
+log = logging.getLogger("sail")
+PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "micro_batch", "epochs", "max_steps", "batch_size", "lr")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="run folder; with --iter, sets --init/--pairs/--out")
+    p.add_argument("--iter", type=int, help="iteration number (0 = seed DPO on seed/pairs.jsonl)")
+    p.add_argument("--preset", help="preset name (default: the start checkpoint's)")
+    p.add_argument("--init", help="start and reference model: checkpoint folder, preset or pipeline")
+    p.add_argument("--pairs", type=Path, help="pair file to train on")
+    p.add_argument("--out", type=Path, help="checkpoint folder to write")
+    p.add_argument("--beta", type=float, default=5000.0)
+    p.add_argument("--batch-size", type=int, help="effective batch in pairs (paper: 128)")
+    p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process")
+    p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
+    p.add_argument("--lr-per-pair", type=float, default=1e-8)
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], help="paper: adamw SD1.5, adafactor SDXL")
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, help="passes over the pair file (ignored with --max-steps)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-cache-latents", action="store_true", help="VAE-encode every step instead of once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (0: never)")
+    p.add_argument("--restart", action="store_true", help="discard a killed run's state instead of resuming")
+    p.add_argument("--export-pipeline", type=Path, help="also write a full diffusers pipeline folder here")
+    return p
+
+
+def resolve_paths(args):
+    if args.run is not None and args.iter is not None:
+        it = args.iter
+        if it == 0 and not (args.init or args.preset):
+            raise sc.SailError("iteration 0 starts from a base model: give --preset (or --init)")
+        args.init = args.init or (args.preset if it == 0 else str(args.run / f"iter_{it - 1:02d}" / "ckpt"))
+        args.pairs = args.pairs or (args.run / "seed" / "pairs.jsonl" if it == 0 else args.run / f"iter_{it:02d}" / "train_pairs.jsonl")
+        args.out = args.out or args.run / f"iter_{it:02d}" / "ckpt"
+    if not (args.init and args.pairs and args.out):
+        raise sc.SailError("give --run and --iter, or all of --init, --pairs and --out")
+    return args
+
+
+def load_pair_pixels(row, resolution, seed, random_crop, flip):
+    """Both images of a pair, resized to the shorter side, with the same crop and flip."""
+    rng = random.Random(sc.derive_seed(seed, "augment", row["_index"]))
+    images = []
+    for side in ("_image_w", "_image_l"):
+        img = sc.load_image(row[side], where=f"{row['_file']}:{row['_line']}")
+        scale = resolution / min(img.size)
+        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))))
+        images.append(img)
+    w, h = images[0].size
+    left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
+    top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
+    do_flip = flip and rng.random() < 0.5
+    out = []
+    for img in images:
+        img = img.resize((w, h)).crop((left, top, left + resolution, top + resolution))
+        out.append(img.transpose(0) if do_flip else img)  # 0 = FLIP_LEFT_RIGHT
+    return out
+
+
+def main(args):
+    from accelerate import Accelerator
+
+    args = resolve_paths(args)
+    out = Path(args.out)
+    if out.exists():
+        print(f"{out} is finished already; skipping (delete it to train again)")
+        return
+    init = sc.describe_model(args.init)
+    preset = sc.get_preset(args.preset or init["preset"] or "sd15")
+    sc.fill_defaults(args, preset, PRESET_KEYS)
+    args.batch_size = args.batch_size or sc.SCHEDULE_DEFAULTS["batch_size"]
+    args.lr = args.lr or args.lr_per_pair * args.batch_size
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    if accelerator.is_main_process:
+        sc.setup_logging(out.parent, "train")
+    pairs = sc.read_pairs(args.pairs)
+    for i, row in enumerate(pairs):
+        row["_index"], row["_file"] = i, str(args.pairs)
+    per_process = args.batch_size // accelerator.num_processes
+    if per_process * accelerator.num_processes != args.batch_size or per_process < 1:
+        raise sc.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+    micro = min(args.micro_batch or per_process, per_process)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(pairs) / args.batch_size))
+    partial = out.with_name(out.name + ".partial")
+
+    device = accelerator.device
+    frozen_dtype = sc.inference_dtype(device, args.mixed_precision)
+    pipe = sc.load_pipeline(init, device, frozen_dtype)
+    vae = pipe.vae.to(torch.float32) if init["arch"] == "sdxl" else pipe.vae  # SDXL's VAE overflows in fp16
+    unet = sc.load_unet(init, torch.float32).to(device)
+    ref_unet = pipe.unet.eval().requires_grad_(False)  # the start model, frozen
+    for module in (vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        optimizer = Adafactor(params, lr=args.lr, weight_decay=args.weight_decay, clip_threshold=1.0,
+                              scale_parameter=False, relative_step=False, warmup_init=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
+    noise_scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+
+    start_step = 0
+    if partial.exists() and args.restart and accelerator.is_main_process:
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    if (partial / "progress.json").is_file():
+        start_step = json.loads((partial / "progress.json").read_text())["step"]
+        accelerator.load_state(str(partial / "state"))
+        log.info("resuming from %s at step %d", partial, start_step)
+    elif accelerator.is_main_process:
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "train_log.jsonl").write_text("")
+    if accelerator.is_main_process:
+        sc.save_args(out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(pairs))
+    counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
+    log.info("DPO: %d pairs (%d human, %d self) from %s | init %s | %d steps x %d pairs | lr %.3g | beta %g | %s",
+             len(pairs), counts["human"], counts["self"], args.pairs, args.init, total_steps, args.batch_size,
+             args.lr, args.beta, args.optimizer)
+
+    order = []
+    for epoch in range(math.ceil(total_steps * args.batch_size / len(pairs)) + 1):
+        order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(sc.derive_seed(args.seed, "order", epoch))).tolist()
+    latent_cache = {}
+
+    def pair_latents(rows):
+        todo = [r for r in rows if r["_index"] not in latent_cache]
+        if todo:
+            images = [img for r in todo for img in load_pair_pixels(r, args.resolution, args.seed, args.random_crop, not args.no_flip)]
+            gens = [torch.Generator().manual_seed(sc.derive_seed(args.seed, "vae", r["_index"], side)) for r in todo for side in "wl"]
+            lat = sc.encode_images(vae, images, device, sample_generator=gens).to(frozen_dtype)
+            for j, r in enumerate(todo):
+                latent_cache[r["_index"]] = lat[2 * j:2 * j + 2].cpu() if device.type != "cpu" else lat[2 * j:2 * j + 2]
+        batch = torch.stack([latent_cache[r["_index"]] for r in rows]).to(device)
+        if args.no_cache_latents:
+            latent_cache.clear()
+        return torch.cat([batch[:, 0], batch[:, 1]]).float()  # all preferred first, then all dispreferred
+
+    timer, window = time.time(), []
+    for step in sc.progress(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train"):
+        step_rows = [pairs[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        mine = step_rows[accelerator.process_index::accelerator.num_processes]
+        stats = []
+        for m in range(0, len(mine), micro):
+            rows = mine[m:m + micro]
+            gen = torch.Generator().manual_seed(sc.derive_seed(args.seed, "noise", step, accelerator.process_index, m))
+            prompts = ["" if random.Random(sc.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
+                       else r["prompt"] for r in rows]
+            latents = pair_latents(rows)
+            noise = torch.randn(latents[: len(rows)].shape, generator=gen).to(device).repeat(2, 1, 1, 1)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=gen).to(device).repeat(2)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = sc.prediction_target(noise_scheduler, latents, noise, t)
+            cond = sc.encode_prompts(pipe, prompts, device)
+            cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+            last = m + micro >= len(mine)
+            with accelerator.autocast(), (contextlib.nullcontext() if last else accelerator.no_sync(unet)):
+                with torch.no_grad():
+                    ref_pred = sc.unet_call(ref_unet, noisy.to(frozen_dtype), t, {k: v.to(frozen_dtype) for k, v in cond.items()}, args.resolution)
+                model_pred = sc.unet_call(unet, noisy, t, {k: v.float() for k, v in cond.items()}, args.resolution)
+                result = dpo_loss(model_pred, ref_pred, target, args.beta)
+                accelerator.backward(result.loss * len(rows) / len(mine))
+            stats.append([x.item() * len(rows) for x in result[:3]])
+        finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
+        if accelerator.reduce(finite, "min").item() < 1:
+            raise sc.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
+                               f"no checkpoint written. Lower --lr or use --mixed-precision no/bf16")
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals = accelerator.reduce(torch.tensor([sum(c) for c in zip(*stats)], device=device), "sum") / args.batch_size
+        window.append(totals.tolist())
+        if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == total_steps):
+            mean = [sum(col) / len(window) for col in zip(*window)]
+            rate = len(window) * args.batch_size / (time.time() - timer)
+            row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
+                       lr=schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
+            log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
+                     step + 1, total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
+            with open(partial / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            timer, window = time.time(), []
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            accelerator.wait_for_everyone()
+            tmp_state = partial / "state.tmp"
+            accelerator.save_state(str(tmp_state))
+            if accelerator.is_main_process:
+                shutil.rmtree(partial / "state", ignore_errors=True)
+                tmp_state.rename(partial / "state")
+                sc.write_json_atomic(partial / "progress.json", {"step": step + 1})
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = dict(base_model=init["base_model"], arch=init["arch"], preset=args.preset or init["preset"],
+                    parent=init["ckpt"] or init["base_model"], iteration=args.iter if args.iter is not None else 0 if init["iteration"] is None else init["iteration"] + 1,
+                    pairs=str(args.pairs), pair_counts=counts, steps=total_steps, effective_batch=args.batch_size, lr=args.lr,
+                    beta=args.beta, optimizer=args.optimizer, num_processes=accelerator.num_processes,
+                    args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+        sc.save_checkpoint(accelerator.unwrap_model(unet), out, info)
+        shutil.move(str(partial / "train_log.jsonl"), out / "train_log.jsonl")
+        shutil.rmtree(partial, ignore_errors=True)
+        log.info("wrote %s", out)
+        if args.export_pipeline:
+            sc.export_pipeline(out, args.export_pipeline)
+            log.info("wrote full pipeline %s", args.export_pipeline)
+
+
+def locked_main(args):
+    args = resolve_paths(args)
+    with sc.folder_lock(Path(args.out).parent, "train"):
+        main(args)
+
+
+if __name__ == "__main__":
+    sc.run_stage(locked_main, build_parser().parse_args())

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# SAIL end to end: seed DPO (iteration 0), then T rounds of
+#   01 generate -> 02 self-reward -> 03 mixup -> 04 DPO,
+# then evaluation. Every stage skips what is finished, so rerunning the same command after a
+# crash resumes at the first unfinished stage.
+#
+#   bash run_all.sh toy 2          # the toy world on a CPU: no downloads, minutes
+#   bash run_all.sh sd15 3         # the paper's SD1.5 run (CUDA; data from prepare_pickapic.py)
+#   bash run_all.sh sdxl 2         # the paper's SDXL run
+#   bash run_all.sh tiny-sd15 2    # random-weight tiny models: a smoke test of the plumbing
+#
+# Environment overrides:
+#   RUN=runs/<preset>   run folder          N=8            candidates per prompt
+#   K=10                self-reward draws   HUMAN_SHARE=0.25  share of human pairs in each mix
+#   PAIRING=best-worst  or random           PROMPTS=       prompts per iteration (default: the whole pool)
+#   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
+#   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
+#   EVAL=1              evaluate at the end (0: skip)
+set -euo pipefail
+
+PRESET=${1:?usage: bash run_all.sh PRESET ITERATIONS   (presets: toy sd15 sdxl tiny-sd15 tiny-sdxl)}
+T=${2:?usage: bash run_all.sh PRESET ITERATIONS}
+KIT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PY=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PY}
+RUN=${RUN:-runs/$PRESET}
+N=${N:-8}
+K=${K:-10}
+HUMAN_SHARE=${HUMAN_SHARE:-0.25}
+PAIRING=${PAIRING:-best-worst}
+TRAIN_ARGS=${TRAIN_ARGS:-}
+EVAL=${EVAL:-1}
+LIMIT=()
+[[ -n "${PROMPTS:-}" ]] && LIMIT=(--limit "$PROMPTS")
+
+mkdir -p "$RUN"
+log() { echo "[run_all $(date +%H:%M:%S)] $*" | tee -a "$RUN/run_all.log"; }
+stage() {  # stage NAME COMMAND...: run one stage, print one summary line
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  log "$name done in $((SECONDS - start)) s"
+}
+
+log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HUMAN_SHARE pairing $PAIRING"
+if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
+  case "$PRESET" in
+    toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy_world.py" data --run "$RUN" --preset "$PRESET" --pools "$T" ;;
+    *) echo "error: $RUN/seed/pairs.jsonl not found. Import the seed set and prompt pools first:" >&2
+       echo "  python prepare_pickapic.py --parquet-dir /path/to/pickapic_v2 --run $RUN" >&2
+       exit 2 ;;
+  esac
+fi
+for ((i = 1; i <= T; i++)); do
+  pool=$(printf "%s/pools/iter_%02d.jsonl" "$RUN" "$i")
+  [[ -f "$pool" ]] || { echo "error: prompt pool $pool not found (need one per iteration)" >&2; exit 2; }
+done
+$PY "$KIT/sail_common.py" check-pools "$RUN"
+
+stage "00 seed DPO" $LAUNCH "$KIT/00_seed_dpo.py" --run "$RUN" --preset "$PRESET" $TRAIN_ARGS
+for ((i = 1; i <= T; i++)); do
+  stage "iter $i: 01 generate" $LAUNCH "$KIT/01_generate.py" --run "$RUN" --iter "$i" --num-candidates "$N" "${LIMIT[@]}"
+  stage "iter $i: 02 self-reward" $LAUNCH "$KIT/02_self_reward.py" --run "$RUN" --iter "$i" --draws "$K" --pairing "$PAIRING"
+  stage "iter $i: 03 mixup" $PY "$KIT/03_mixup.py" --run "$RUN" --iter "$i" --human-share "$HUMAN_SHARE"
+  stage "iter $i: 04 DPO" $LAUNCH "$KIT/04_train.py" --run "$RUN" --iter "$i" $TRAIN_ARGS
+done
+
+if [[ "$EVAL" == 1 ]]; then
+  case "$PRESET" in
+    toy|tiny-*) stage "oracle report" $PY "$KIT/toy_world.py" report --run "$RUN" ;;
+    *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-pickapic}" ;;
+  esac
+fi
+log "finished: checkpoints in $RUN/iter_*/ckpt"
