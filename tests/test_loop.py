@@ -1,0 +1,164 @@
+"""The SAIL loop's stages: self-reward on cases with a known answer, pairing, mixup shares,
+generation determinism and resume, the overlap refusal."""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import load_stage
+from helpers import coloured_image, make_pairs, make_pool
+
+import sail_common as sc
+
+generate = load_stage("01_generate")
+self_reward = load_stage("02_self_reward")
+mixup = load_stage("03_mixup")
+CPU = torch.device("cpu")
+
+
+def run(stage, *argv):
+    sc.run_stage(stage.locked_main, stage.build_parser().parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    desc = sc.describe_model("tiny-sd15")
+    pipe = sc.load_pipeline(desc, CPU, torch.float32)
+    from diffusers import DDPMScheduler
+    return pipe, DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def latents_of(pipe, colours):
+    return sc.encode_images(pipe.vae, [coloured_image(c, 32, seed=i) for i, c in enumerate(colours)], CPU)
+
+
+def test_model_equal_to_reference_gives_zero_reward(tiny):
+    pipe, sched = tiny
+    lat = latents_of(pipe, [(200, 0, 0), (0, 200, 0), (0, 0, 200)])
+    cond = sc.encode_prompts(pipe, ["a square"], CPU)
+    reward, se = sc.self_rewards(pipe.unet, pipe.unet, sched, lat, cond, 32, draws=4, beta=5000.0)
+    assert torch.equal(reward, torch.zeros(3, dtype=torch.float64)) and torch.equal(se, torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_model_tuned_towards_one_image_ranks_it_first(tiny):
+    pipe, sched = tiny
+    lat = latents_of(pipe, [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)])
+    cond = sc.encode_prompts(pipe, ["a square"], CPU)
+    tuned = copy.deepcopy(pipe.unet).train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):  # plain diffusion training on image 2 only
+        noise = torch.randn((8, *lat.shape[1:]), generator=g)
+        t = torch.randint(0, 1000, (8,), generator=g)
+        x = lat[2:3].expand(8, -1, -1, -1)
+        pred = sc.unet_call(tuned, sched.add_noise(x, noise, t), t, {"embeds": cond["embeds"].expand(8, -1, -1)}, 32)
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tuned.eval()
+    reward, se = sc.self_rewards(tuned, pipe.unet, sched, lat, cond, 32, draws=10, beta=5000.0)
+    assert reward.argmax().item() == 2, reward
+    assert (se > 0).all()
+
+
+def test_common_draws_give_identical_images_identical_rewards(tiny):
+    pipe, sched = tiny
+    other = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    lat = latents_of(pipe, [(200, 0, 0)]).repeat(2, 1, 1, 1)
+    cond = sc.encode_prompts(pipe, ["a square"], CPU)
+    shared, _ = sc.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=4)
+    own, _ = sc.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=False)
+    shared_gap, own_gap = abs(shared[0] - shared[1]).item(), abs(own[0] - own[1]).item()
+    assert shared_gap < 1e-4 * abs(shared[0]).item() + 1e-9  # equal up to batching round-off
+    assert own_gap > 100 * shared_gap
+    again, _ = sc.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=5)
+    torch.testing.assert_close(again, shared, rtol=1e-4, atol=1e-6)  # batching does not change the draws
+
+
+def test_pairing():
+    group = [dict(index=i, reward=r) for i, r in enumerate([0.5, 2.0, -1.0, 0.7])]
+    win, lose = self_reward.choose_pair("p", group, "best-worst", 0)
+    assert (win["index"], lose["index"]) == (1, 2)
+    picks = {tuple(r["index"] for r in self_reward.choose_pair(f"p{i}", group, "random", 0)) for i in range(30)}
+    assert len(picks) > 2 and all(group[w]["reward"] > group[l]["reward"] for w, l in picks)
+    assert self_reward.choose_pair("p", [dict(index=0, reward=0.0), dict(index=1, reward=0.0)], "best-worst", 0) is None
+
+
+@pytest.mark.parametrize("share, n_human", [(0.25, 4), (0.0, 0), (0.5, 12), (0.75, 36)])
+def test_mixup_shares(share, n_human):
+    self_rows = [dict(source="self", i=i, p=0.5) for i in range(12)]
+    human_rows = [dict(source="human", i=i) for i in range(50)]
+    mixed = mixup.mix(self_rows, human_rows, share, None, seed=1)
+    assert sum(r["source"] == "human" for r in mixed) == n_human and sum(r["source"] == "self" for r in mixed) == 12
+    assert len({r["i"] for r in mixed if r["source"] == "human"}) == n_human  # without replacement
+    assert mixed == mixup.mix(self_rows, human_rows, share, None, seed=1)
+
+
+def test_mixup_keeps_the_most_confident_and_draws_with_replacement_when_short():
+    self_rows = [dict(source="self", i=i, p=i / 10) for i in range(10)]
+    mixed = mixup.mix(self_rows, [dict(source="human", i=0)], 0.5, 4, seed=0)
+    assert sorted(r["i"] for r in mixed if r["source"] == "self") == [6, 7, 8, 9]
+    assert sum(r["source"] == "human" for r in mixed) == 4
+
+
+def test_mixup_stage_rewrites_paths_and_records_origin(tmp_path):
+    make_pairs(tmp_path / "seed", n=6)
+    make_pairs(tmp_path / "iter_01", n=3, source="self")
+    run(mixup, "--run", tmp_path, "--iter", 1)
+    out = tmp_path / "iter_01" / "train_pairs.jsonl"
+    rows = sc.read_pairs(out)
+    assert sum(r["source"] == "human" for r in rows) == 1 and len(rows) == 4
+    human = next(r for r in rows if r["source"] == "human")
+    assert human["image_w"].startswith("../seed/images/") and human["origin"].startswith("../seed/pairs.jsonl:")
+    first = out.read_bytes()
+    out.unlink()
+    run(mixup, "--run", tmp_path, "--iter", 1)
+    assert out.read_bytes() == first
+
+
+def make_run(tmp_path):
+    make_pool(tmp_path / "pools" / "iter_01.jsonl", range(2))
+    make_pool(tmp_path / "pools" / "iter_02.jsonl", range(2, 4))
+    make_pairs(tmp_path / "seed", n=2)
+    shutil.copytree(sc.resolve_model_path("tiny:sd15"), tmp_path / "base")
+    return tmp_path
+
+
+def test_generation_is_reproducible_and_resumes(tmp_path):
+    run_dir = make_run(tmp_path)
+    argv = ["--ckpt", "tiny-sd15", "--pool", run_dir / "pools" / "iter_01.jsonl", "--num-candidates", 3]
+    run(generate, *argv, "--out", tmp_path / "a")
+    gens = sc.read_jsonl(tmp_path / "a" / "generations.jsonl")
+    assert len(gens) == 6 and len({g["seed"] for g in gens}) == 6
+    assert (tmp_path / "a" / "generate.args.json").is_file()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "generations.jsonl").unlink()
+    for g in gens[1:3]:
+        (tmp_path / "b" / g["image"]).unlink()
+    run(generate, *argv, "--out", tmp_path / "b")
+    assert (tmp_path / "b" / "generations.jsonl").read_bytes() == (tmp_path / "a" / "generations.jsonl").read_bytes()
+    for g in gens:
+        assert (tmp_path / "b" / g["image"]).read_bytes() == (tmp_path / "a" / g["image"]).read_bytes()
+
+
+def test_generation_refuses_overlapping_pools(tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    make_pool(run_dir / "pools" / "iter_02.jsonl", range(1, 3))
+    with pytest.raises(SystemExit):
+        run(generate, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15")
+    assert "iter_01.jsonl and" in capsys.readouterr().err and "share 1 prompt" in capsys.readouterr().err + "share 1 prompt"
+    assert not (run_dir / "iter_01" / "generations.jsonl").exists()
+
+
+def test_self_reward_stage_refuses_when_every_reward_ties(tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    run(generate, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15", "--num-candidates", 2)
+    with pytest.raises(SystemExit):
+        run(self_reward, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15", "--draws", 2)
+    assert "all 2 prompts tie" in capsys.readouterr().err
+    assert not (run_dir / "iter_01" / "pairs.jsonl").exists()
