@@ -69,9 +69,7 @@ def image_name(prompt_id, index):
 
 
 def main(args):
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = sc.process_state()
     args = resolve_paths(args)
     out = Path(args.out)
     if state.is_main_process:
@@ -96,7 +94,9 @@ def main(args):
     if state.is_main_process:
         sc.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
     todo = [j for j in jobs if not sc.image_is_complete(out / j["image"])]
-    mine = todo[state.process_index::state.num_processes]
+    # whole batches go to processes, so every image is made in the same batch as in one process
+    batches = [todo[b:b + args.gen_batch] for b in range(0, len(todo), args.gen_batch)][state.process_index::state.num_processes]
+    mine = [j for batch in batches for j in batch]
     log.info("%d prompts x %d candidates from %s: %d images to make (%d there already) | %s %d steps cfg %g %dpx",
              len(prompts), args.num_candidates, args.ckpt, len(todo), len(jobs) - len(todo), args.sampler, args.steps,
              args.cfg, args.resolution)
@@ -106,8 +106,7 @@ def main(args):
         pipe = sc.load_pipeline(desc, state.device, dtype, sampler=args.sampler)
         start = time.time()
         bar = sc.progress(total=len(mine), desc=f"generate[{state.process_index}]")
-        for b in range(0, len(mine), args.gen_batch):
-            batch = mine[b:b + args.gen_batch]
+        for batch in batches:
             generators = [torch.Generator().manual_seed(j["seed"]) for j in batch]
             with torch.inference_mode():
                 images = pipe(prompt=[j["prompt"] for j in batch], generator=generators, num_inference_steps=args.steps,

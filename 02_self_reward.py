@@ -91,9 +91,7 @@ def choose_pair(pid, group, pairing, seed):
 
 
 def main(args):
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = sc.process_state()
     args = resolve_paths(args)
     folder = Path(args.dir)
     if state.is_main_process:

@@ -120,7 +120,7 @@ def main(args):
     sc.fill_defaults(args, preset, PRESET_KEYS)
     args.batch_size = args.batch_size or sc.SCHEDULE_DEFAULTS["batch_size"]
     args.lr = args.lr or args.lr_per_pair * args.batch_size
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         sc.setup_logging(out.parent, "train")
     pairs = sc.read_pairs(args.pairs)
@@ -199,12 +199,14 @@ def main(args):
         stats = []
         for m in range(0, len(mine), micro):
             rows = mine[m:m + micro]
-            gen = torch.Generator().manual_seed(sc.derive_seed(args.seed, "noise", step, accelerator.process_index, m))
             prompts = ["" if random.Random(sc.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
                        else r["prompt"] for r in rows]
             latents = pair_latents(rows)
-            noise = torch.randn(latents[: len(rows)].shape, generator=gen).to(device).repeat(2, 1, 1, 1)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(rows),), generator=gen).to(device).repeat(2)
+            # noise and timestep depend on (step, pair) only: the same for any number of processes
+            gens = [torch.Generator().manual_seed(sc.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
+            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device).repeat(2, 1, 1, 1)
+            t = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
+            t = t.to(device).repeat(2)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             target = sc.prediction_target(noise_scheduler, latents, noise, t)
             cond = sc.encode_prompts(pipe, prompts, device)

@@ -94,6 +94,13 @@ def pick_device(name=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def process_state():
+    """accelerate's view of this process (rank, world size, device). Under torchrun or
+    `accelerate launch` on a machine without CUDA, the processes talk over gloo."""
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def torch_dtype(name):
     table = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name not in table:
@@ -308,9 +315,10 @@ def check_pools_disjoint(run_dir):
     if evals.is_file():
         sets[str(evals)] = {normalise_prompt(r["prompt"]) for r in read_prompts(evals)}
     names = list(sets)
+    pools = {name for name in names if Path(name).parent.name == "pools"}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            if "pools" not in a and "pools" not in b:
+            if a not in pools and b not in pools:
                 continue  # seed and eval prompts are the data importer's business
             common = sets[a] & sets[b]
             if common:
