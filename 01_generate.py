@@ -97,6 +97,7 @@ def main(args):
     # whole batches go to processes, so every image is made in the same batch as in one process
     batches = [todo[b:b + args.gen_batch] for b in range(0, len(todo), args.gen_batch)][state.process_index::state.num_processes]
     mine = [j for batch in batches for j in batch]
+    sc.check_free_space(out, len(todo) * args.resolution ** 2 * 3 // 2, f"{len(todo)} PNG images")  # PNG ~ half of raw
     log.info("%d prompts x %d candidates from %s: %d images to make (%d there already) | %s %d steps cfg %g %dpx",
              len(prompts), args.num_candidates, args.ckpt, len(todo), len(jobs) - len(todo), args.sampler, args.steps,
              args.cfg, args.resolution)

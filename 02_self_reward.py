@@ -112,7 +112,15 @@ def main(args):
     small = [pid for pid, g in groups.items() if len(g) < 2]
     if small:
         raise sc.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
-    finished = read_finished(folder, {pid: len(g) for pid, g in groups.items()})
+    per_prompt = {pid: len(g) for pid, g in groups.items()}
+    if state.is_main_process:  # keep only whole prompts of a killed run, in one clean file
+        finished = read_finished(folder, per_prompt)
+        for part in folder.glob("rewards.partial.*.jsonl"):
+            part.unlink()
+        if finished:
+            sc.write_jsonl_atomic(folder / "rewards.partial.0.jsonl", [row for rows in finished.values() for row in rows.values()])
+    state.wait_for_everyone()
+    finished = read_finished(folder, per_prompt)
     todo = [pid for pid in groups if pid not in finished][state.process_index::state.num_processes]
     if state.is_main_process:
         sc.save_args(folder, "self_reward", args, model=desc, reference=ref_desc, num_processes=state.num_processes)
@@ -156,7 +164,7 @@ def main(args):
     state.wait_for_everyone()
     if not state.is_main_process:
         return
-    scored = read_finished(folder, {pid: len(g) for pid, g in groups.items()})
+    scored = read_finished(folder, per_prompt)
     missing = [pid for pid in groups if pid not in scored]
     if missing:
         raise sc.SailError(f"{len(missing)} prompts were not scored, e.g. '{missing[0]}'")

@@ -138,6 +138,8 @@ def main(args):
     pipe = sc.load_pipeline(init, device, frozen_dtype)
     vae = pipe.vae.to(torch.float32) if init["arch"] == "sdxl" else pipe.vae  # SDXL's VAE overflows in fp16
     unet = sc.load_unet(init, torch.float32).to(device)
+    n_params = sum(p.numel() for p in unet.parameters())
+    sc.check_free_space(out.parent, n_params * 4 * (5 if args.save_every else 2), "the checkpoint and resumable state")
     ref_unet = pipe.unet.eval().requires_grad_(False)  # the start model, frozen
     for module in (vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:

@@ -327,6 +327,17 @@ def check_pools_disjoint(run_dir):
     return sets
 
 
+def check_free_space(folder, need_bytes, what):
+    """Stop before starting work whose outputs would not fit on the disk."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise SailError(f"not enough disk space in {folder} for {what}: about {need_bytes / 2**30:.1f} GiB needed, "
+                        f"{free / 2**30:.1f} GiB free")
+
+
 # ---------------------------------------------------------------- run-folder lock
 @contextlib.contextmanager
 def folder_lock(folder, stage):

@@ -129,3 +129,12 @@ def test_unknown_preset_and_bad_model_path(tmp_path):
         (tmp_path / "ck").mkdir()
         (tmp_path / "ck" / "sail.json").write_text("{}")
         sc.read_checkpoint_info(tmp_path / "ck")
+
+
+def test_too_little_disk_space_is_refused_up_front(tmp_path, monkeypatch):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sc.shutil, "disk_usage", lambda path: usage(10 * 2**30, 9 * 2**30, 2**30))
+    sc.check_free_space(tmp_path / "not" / "yet", 2**29, "images")
+    with pytest.raises(sc.SailError, match=r"not enough disk space .* for images: about 2.0 GiB needed, 1.0 GiB free"):
+        sc.check_free_space(tmp_path, 2 * 2**30, "images")

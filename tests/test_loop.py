@@ -162,3 +162,24 @@ def test_self_reward_stage_refuses_when_every_reward_ties(tmp_path, capsys):
         run(self_reward, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15", "--draws", 2)
     assert "all 2 prompts tie" in capsys.readouterr().err
     assert not (run_dir / "iter_01" / "pairs.jsonl").exists()
+
+
+def test_self_reward_resumes_from_a_killed_run(tmp_path):
+    """A partial file with finished prompts and a torn last line: the rerun scores only the rest
+    and writes the same files as an uninterrupted run."""
+    run_dir = make_run(tmp_path)
+    train = load_stage("04_train")
+    sc.run_stage(train.locked_main, train.build_parser().parse_args(
+        ["--run", str(run_dir), "--iter", "0", "--preset", "tiny-sd15", "--max-steps", "2", "--lr", "1e-4"]))
+    run(generate, "--run", run_dir, "--iter", 1, "--num-candidates", 3)
+    folder = run_dir / "iter_01"
+    run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
+    full = {name: (folder / name).read_bytes() for name in ("rewards.jsonl", "pairs.jsonl")}
+    lines = full["rewards.jsonl"].decode().splitlines(keepends=True)
+    (folder / "rewards.partial.0.jsonl").write_text("".join(lines[:3]) + lines[3][:20])
+    for name in full:
+        (folder / name).unlink()
+    run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
+    assert "1 scored already" in (folder / "log.txt").read_text().splitlines()[-3]
+    assert {name: (folder / name).read_bytes() for name in full} == full
+    assert not list(folder.glob("rewards.partial.*"))

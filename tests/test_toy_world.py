@@ -1,0 +1,210 @@
+"""The toy world: its hidden human (oracle), its renderer, the run data it writes, the oracle
+report, and a smoke run of the toy base model's pretraining."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sail_common as sc
+import toy_world as tw
+from sail_common import SailError
+
+PROMPT = "a medium red circle at the top left"
+
+
+def u8(x):
+    return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
+def draw(shape="circle", colour="red", position="top left", size="medium", **kw):
+    return tw.render_clean(shape, tw.COLOURS[colour], *tw.POSITIONS[position], tw.SIZES[size], **kw)
+
+
+# ---------------------------------------------------------------- oracle
+@pytest.mark.parametrize("wrong", [dict(colour="orange"), dict(colour="blue"), dict(shape="square"),
+                                   dict(shape="triangle"), dict(shape="cross"), dict(position="top"),
+                                   dict(position="bottom right"), dict(size="small"), dict(size="large")])
+def test_oracle_prefers_what_the_caption_says(wrong):
+    right, other = u8(draw()), u8(draw(**wrong))
+    assert tw.oracle_prefers(PROMPT, right, other) == 0
+    assert tw.oracle_prefers(PROMPT, other, right) == 1
+    assert tw.oracle_score(PROMPT, right) > 0.9
+
+
+def test_oracle_prefers_clean_over_messy():
+    rng = np.random.default_rng(0)
+    clean = draw()
+    specks = clean.copy()
+    for y, x in rng.integers(0, 32, (6, 2)):
+        specks[y, x] = rng.uniform(0, 255, 3)
+    messy = {"blurred": tw._blur(clean, 1.2), "noisy": clean + rng.normal(0, 15, clean.shape), "specks": specks,
+             "tinted background": draw(background=np.array([200.0, 230.0, 170.0])),
+             "stray blob": tw.render_clean("square", (30, 30, 200), 26, 26, 2.0, background=clean)}
+    for name, img in messy.items():
+        assert tw.oracle_prefers(PROMPT, u8(clean), u8(img)) == 0, name
+
+
+def test_oracle_ties_blank_and_range():
+    img = u8(draw())
+    assert tw.oracle_prefers(PROMPT, img, img.copy()) is None
+    blank = u8(np.broadcast_to(tw.BACKGROUND, (32, 32, 3)))
+    assert tw.oracle_score(PROMPT, blank) == 0.0
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        noise = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        assert 0.0 <= tw.oracle_score(PROMPT, noise) <= 1.0
+    # a bigger image of the same picture is judged like the 32x32 one
+    assert tw.oracle_prefers(PROMPT, img.resize((64, 64), Image.NEAREST), u8(draw(colour="blue"))) == 0
+
+
+def test_render_and_oracle_are_deterministic():
+    a = [tw.render_web(np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(a[0][0], a[1][0]) and a[0][1] == a[1][1]
+    images, captions = tw.pretraining_set(32, seed=3)
+    images2, captions2 = tw.pretraining_set(32, seed=3)
+    assert np.array_equal(images, images2) and captions == captions2
+    scores = [tw.oracle_score(c, Image.fromarray(i)) for c, i in zip(captions, images)]
+    assert scores == [tw.oracle_score(c, Image.fromarray(i)) for c, i in zip(captions, images)]
+    assert len(set(np.round(scores, 6))) > 20  # graded, not a handful of levels
+
+
+def test_captions_parse_and_world_size():
+    caps = tw.all_captions()
+    assert len(caps) == len(set(caps)) == 8 * 4 * 3 * 9
+    for c in caps[::37]:
+        a = tw.parse_caption(c)
+        assert tw.caption(a["size"], a["colour"], a["shape"], a["position"]) == c
+    assert tw.parse_caption("a red square")["position"] is None
+
+
+# ---------------------------------------------------------------- run data (tiny random-weight presets)
+TINY = dict(n_pools=2, pool_size=3, n_eval=3, pairs_per_prompt=3, n_universe=6, seed_fraction=0.5, tie_margin=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("toy") / "run"
+    tw.make_run_data(run, preset="tiny-sd15", **TINY)
+    return run
+
+
+def check_run_data(run):
+    pairs = sc.read_pairs(run / "seed" / "pairs.jsonl")
+    assert 1 <= len(pairs) <= 9
+    assert all(p["source"] == "human" and p["image_w"].startswith("images/") for p in pairs)
+    for p in pairs:  # the oracle's choice, between images the preset's model drew
+        assert Image.open(p["_image_w"]).size == (32, 32)
+        assert tw.oracle_score(p["prompt"], sc.load_image(p["_image_w"])) > tw.oracle_score(p["prompt"], sc.load_image(p["_image_l"]))
+    assert len(sc.check_pools_disjoint(run)) == 4
+    pools = [sc.read_prompts(run / "pools" / f"iter_{k:02d}.jsonl") for k in (1, 2)]
+    evals = sc.read_prompts(run / "eval" / "prompts.jsonl")
+    groups = [{r["prompt"] for r in g} for g in pools + [evals]] + [{p["prompt"] for p in pairs}]
+    assert [len(g) for g in groups[:3]] == [3, 3, 3]
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            assert not a & b
+
+
+def test_make_run_data_writes_disjoint_sets_and_valid_pairs(tiny_run):
+    check_run_data(tiny_run)
+    stats = json.loads((tiny_run / "seed" / "stats.json").read_text())
+    assert stats["seed_slots"] == 9 and stats["universe_slots"] == 18 and stats["pairs"]["pairs"] >= 1
+
+
+def test_make_run_data_with_sdxl_preset(tmp_path):
+    tw.make_run_data(tmp_path / "run", preset="tiny-sdxl", **TINY)
+    check_run_data(tmp_path / "run")
+
+
+def test_make_run_data_is_deterministic_skips_and_refuses_other_settings(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    first = (run / "seed" / "pairs.jsonl").read_text()
+    image = sorted((run / "seed" / "images").glob("*.png"))[0]
+    stamp = image.stat().st_mtime_ns
+    tw.make_run_data(run, preset="tiny-sd15", **TINY)  # rerun: everything kept
+    assert (run / "seed" / "pairs.jsonl").read_text() == first and image.stat().st_mtime_ns == stamp
+    with pytest.raises(SailError, match="other settings"):
+        tw.make_run_data(run, preset="tiny-sd15", **{**TINY, "seed": 1})
+    image.unlink()  # the whole labelled universe; a lost image is drawn again, identical
+    stats = tw.make_run_data(run, preset="tiny-sd15", all_labels=True, **TINY)
+    redrawn, original = (np.asarray(Image.open(p), dtype=int) for p in (image, tiny_run / "seed" / "images" / image.name))
+    assert np.abs(redrawn - original).max() <= 1  # same seed, same picture, whatever the batch
+    everything = sc.read_pairs(run / "seed" / "all_pairs.jsonl")
+    assert stats["all_pairs"]["slots"] == 18 and len(everything) >= len(sc.read_pairs(run / "seed" / "pairs.jsonl"))
+    assert (run / "seed" / "pairs.jsonl").read_text() == first
+
+
+def test_split_refuses_a_world_too_small():
+    with pytest.raises(SailError, match="no prompts"):
+        tw.split_prompts(0, n_pools=3, pool_size=300, n_eval=64)
+
+
+# ---------------------------------------------------------------- oracle report
+def test_score_checkpoints_report_and_agreement(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    # a "trained" checkpoint that is the base itself: same seeds, same pictures, win rate 0.5
+    desc = sc.describe_model("tiny-sd15")
+    sc.save_checkpoint(sc.load_unet(desc), run / "iter_00" / "ckpt",
+                       dict(base_model=desc["base_model"], arch="sd15", preset="tiny-sd15", parent=None, iteration=0))
+    it1 = run / "iter_01"
+    it1.mkdir()
+    seed_pairs = [sc.strip_private(p) for p in sc.read_pairs(run / "seed" / "pairs.jsonl")]
+    flipped = [dict(p, image_w="../seed/" + p["image_l"], image_l="../seed/" + p["image_w"], source="self") for p in seed_pairs]
+    sc.write_jsonl_atomic(it1 / "pairs.jsonl", flipped)
+    assert tw.self_reward_agreement(it1) == 0.0
+    sc.write_jsonl_atomic(it1 / "pairs.jsonl", [dict(p, image_w=p["image_l"], image_l=p["image_w"]) for p in flipped])
+    assert tw.self_reward_agreement(it1) == 1.0
+
+    res = tw.score_checkpoints(run, ["base", run / "iter_00" / "ckpt"], n_images_per_prompt=2)
+    assert set(res) == {"base", "iter_00"}
+    assert res["base"]["n"] == 6 and 0 <= res["base"]["mean"] <= 1
+    assert res["iter_00"]["mean"] == res["base"]["mean"] and res["iter_00"]["win_rate"] == 0.5
+    scores = run / "eval" / "oracle" / "iter_00" / "scores.jsonl"
+    stamp = scores.stat().st_mtime_ns
+    tw.score_checkpoints(run, [run / "iter_00" / "ckpt"], n_images_per_prompt=2)  # cached
+    assert scores.stat().st_mtime_ns == stamp
+
+    tw.main(tw.parse_args(["report", "--run", str(run), "--images-per-prompt", "2"]))
+    out = capsys.readouterr().out
+    assert "base" in out and "iter_00" in out
+    report = json.loads((run / "eval" / "oracle_report.json").read_text())
+    assert set(report) == {"base", "iter_00"} and "win_rate" in report["iter_00"]
+
+
+# ---------------------------------------------------------------- toy base model
+def test_toy_base_smoke_build_loads_in_diffusers_and_is_deterministic(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    small = dict(n_images=64, vae_steps=2, unet_steps=2, batch_size=8, log_every=0)
+    a = tw.build_toy_base(tmp_path / "a", **small)
+    b = tw.build_toy_base(tmp_path / "b", **small)
+    assert not (tmp_path / "a.tmp").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(a)
+    assert pipe.safety_checker is None and pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
+    assert json.loads((a / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    img = tw.generate(pipe, ["a small red circle at the top"], [0], steps=2, cfg=1.0)[0]
+    assert img.size == (32, 32)
+    pipe_b = StableDiffusionPipeline.from_pretrained(b)
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(pipe, name).state_dict(), getattr(pipe_b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_ensure_toy_base_reuses_the_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_build(path, **kw):
+        calls.append(path)
+        path.mkdir(parents=True)
+        (path / "model_index.json").write_text("{}")
+        return path
+
+    monkeypatch.setattr(tw, "build_toy_base", fake_build)
+    first = tw.ensure_toy_base(tmp_path)
+    assert first == tmp_path / tw.TOY_BASE_NAME and tw.ensure_toy_base(tmp_path) == first
+    assert len(calls) == 1
