@@ -15,6 +15,7 @@
 #   PAIRING=best-worst  or random           PROMPTS=       prompts per iteration (default: the whole pool)
 #   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
+#   DATA_ARGS="--pool-size 16"                     extra flags for toy_world.py data
 #   EVAL=1              evaluate at the end (0: skip)
 set -euo pipefail
 
@@ -30,6 +31,7 @@ HUMAN_SHARE=${HUMAN_SHARE:-0.25}
 PAIRING=${PAIRING:-best-worst}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 EVAL=${EVAL:-1}
+DATA_ARGS=${DATA_ARGS:-}  # extra flags for toy_world.py data (toy and tiny presets)
 LIMIT=()
 [[ -n "${PROMPTS:-}" ]] && LIMIT=(--limit "$PROMPTS")
 
@@ -45,7 +47,7 @@ stage() {  # stage NAME COMMAND...: run one stage, print one summary line
 log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HUMAN_SHARE pairing $PAIRING"
 if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
   case "$PRESET" in
-    toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy_world.py" data --run "$RUN" --preset "$PRESET" --pools "$T" ;;
+    toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy_world.py" data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;
     *) echo "error: $RUN/seed/pairs.jsonl not found. Import the seed set and prompt pools first:" >&2
        echo "  python prepare_pickapic.py --parquet-dir /path/to/pickapic_v2 --run $RUN" >&2
        exit 2 ;;
