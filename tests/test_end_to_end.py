@@ -1,0 +1,84 @@
+"""The whole loop through run_all.sh on tiny models: every file of the contract, a rerun that
+skips everything, and a stage rerun by hand in a copied run folder that gives the same files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+TINY_DATA = "--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --seed-fraction 0.5"
+
+
+def run_all(run_dir, preset, iterations):
+    env = dict(os.environ, RUN=str(run_dir), DATA_ARGS=TINY_DATA, N="4", K="2", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), preset, str(iterations)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def stage(script, *argv):
+    done = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_tiny_sd15_two_iterations(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_all(run_dir, "tiny-sd15", 2)
+    for line in ("00 seed DPO done", "iter 2: 01 generate done", "iter 2: 04 DPO done", "oracle report done"):
+        assert line in out
+    for it in (1, 2):
+        folder = run_dir / f"iter_{it:02d}"
+        for name in ("generations.jsonl", "rewards.jsonl", "pairs.jsonl", "train_pairs.jsonl", "ckpt/sail.json",
+                     "generate.args.json", "self_reward.args.json", "mixup.args.json", "train.args.json", "log.txt"):
+            assert (folder / name).is_file(), folder / name
+        info = json.loads((folder / "ckpt" / "sail.json").read_text())
+        assert info["iteration"] == it and info["parent"].endswith(f"iter_{it - 1:02d}/ckpt")
+        assert info["pair_counts"]["self"] > 0 and info["pair_counts"]["human"] > 0
+    assert len((run_dir / "iter_01" / "generations.jsonl").read_text().splitlines()) == 3 * 4
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "log" not in p.name
+              and p.suffix != ".json"}
+    again = run_all(run_dir, "tiny-sd15", 2)
+    assert "skipping" in (run_dir / "iter_02" / "log.txt").read_text()
+    assert "data (toy world)" not in again
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after, "a finished run was written again"
+
+    # a copied run folder still works, and a stage rerun by hand gives the same files
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    shutil.rmtree(run_dir)
+    for name in ("rewards.jsonl", "pairs.jsonl"):
+        (moved / "iter_02" / name).rename(moved / "iter_02" / f"{name}.first")
+    stage("02_self_reward.py", "--run", moved, "--iter", 2, "--draws", 2)
+    for name in ("rewards.jsonl", "pairs.jsonl"):
+        assert (moved / "iter_02" / name).read_bytes() == (moved / "iter_02" / f"{name}.first").read_bytes()
+    (moved / "iter_02" / "train_pairs.jsonl").rename(moved / "iter_02" / "train_pairs.first")
+    stage("03_mixup.py", "--run", moved, "--iter", 2)
+    assert (moved / "iter_02" / "train_pairs.jsonl").read_bytes() == (moved / "iter_02" / "train_pairs.first").read_bytes()
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_one_iteration(tmp_path):
+    run_all(tmp_path / "run", "tiny-sdxl", 1)
+    info = json.loads((tmp_path / "run" / "iter_01" / "ckpt" / "sail.json").read_text())
+    assert info["arch"] == "sdxl" and info["iteration"] == 1
+
+
+def test_overlapping_pools_stop_the_loop_before_it_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, RUN=str(run_dir), DATA_ARGS=TINY_DATA, PYTHON=sys.executable, EVAL="0")
+    subprocess.run([sys.executable, str(ROOT / "toy_world.py"), "data", "--run", str(run_dir), "--preset", "tiny-sd15",
+                    "--n-pools", "2", *TINY_DATA.split()], check=True, capture_output=True)
+    pool2 = run_dir / "pools" / "iter_02.jsonl"
+    first = (run_dir / "pools" / "iter_01.jsonl").read_text().splitlines()[0]
+    pool2.write_text(pool2.read_text() + first.replace('"prompt_id": "', '"prompt_id": "copy-') + "\n")
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "tiny-sd15", "2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "prompt sets overlap" in done.stderr and "iter_02.jsonl" in done.stderr
+    assert not (run_dir / "iter_00").exists()
