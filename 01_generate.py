@@ -18,9 +18,7 @@ Writes: <out>/images/<prompt_id>_<index>.png, then <out>/generations.jsonl (one 
         prompt_id, prompt, index, seed, image path relative to <out>), generate.args.json, log.txt.
 """
 import argparse
-import hashlib
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -61,13 +59,6 @@ def resolve_paths(args):
     return args
 
 
-def image_name(prompt_id, index):
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", prompt_id)
-    if safe != prompt_id:  # keep names unique when the id had characters a file name cannot
-        safe += "-" + hashlib.sha1(prompt_id.encode()).hexdigest()[:8]
-    return f"{safe}_{index}.png"
-
-
 def main(args):
     state = sc.process_state()
     args = resolve_paths(args)
@@ -89,7 +80,7 @@ def main(args):
         for k in range(args.num_candidates):
             jobs.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
                              seed=sc.derive_seed(args.seed, row["prompt_id"], k),
-                             image=f"images/{image_name(row['prompt_id'], k)}"))
+                             image=f"images/{sc.image_name(row['prompt_id'], k)}"))
     (out / "images").mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         sc.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)

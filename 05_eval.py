@@ -24,7 +24,6 @@ Rerun: finished images, scores and reward accuracies are reused; other generatio
 """
 import argparse
 import gc
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -35,7 +34,7 @@ from PIL import Image
 
 import scorers
 from sail_common import (PRESETS, SailError, derive_seed, describe_model, encode_images, encode_prompts, folder_lock,
-                         image_is_complete, inference_dtype, load_image, load_pipeline, load_unet, log, pick_device,
+                         image_is_complete, image_name, inference_dtype, load_image, load_pipeline, load_unet, log, pick_device,
                          progress, read_checkpoint_info, read_jsonl, read_pairs, run_stage, save_args,
                          save_image_atomic, self_rewards, setup_logging, strip_private, write_json_atomic,
                          write_jsonl_atomic)
@@ -77,13 +76,6 @@ def read_benchmark(spec, run=None):
             seen[row["prompt_id"]] = row["_line"]
         out.append((name, rows))
     return out
-
-
-def image_name(prompt_id, index):
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", prompt_id)
-    if safe != prompt_id:  # keep names unique when the id had characters a file name cannot
-        safe += "-" + hashlib.sha1(prompt_id.encode()).hexdigest()[:8]
-    return f"{safe}_{index}.png"
 
 
 def resolve_checkpoints(args):

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -230,6 +231,15 @@ def load_image(path, where=""):
         raise SailError(f"{prefix}unreadable image {path} ({type(err).__name__}: {err})") from None
 
 
+def image_name(prompt_id, index):
+    """File name of image `index` of a prompt: the id where it is a safe file name, else the id
+    made safe plus a short hash, so that different ids never share a name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", prompt_id)
+    if safe != prompt_id:
+        safe += "-" + hashlib.sha1(prompt_id.encode()).hexdigest()[:8]
+    return f"{safe}_{index}.png"
+
+
 def save_image_atomic(image, path):
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
@@ -380,7 +390,7 @@ def _pid_alive(pid):
 
 
 # ---------------------------------------------------------------- tiny models (tests, CPU runs)
-def _write_byte_tokenizer(folder):
+def write_byte_tokenizer(folder):
     """A CLIP byte-level BPE vocabulary with no merges: every byte is a token."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -411,7 +421,7 @@ def build_tiny_pipeline(arch, out_dir, seed=0):
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
-    vocab_size = _write_byte_tokenizer(tmp / "_tok")
+    vocab_size = write_byte_tokenizer(tmp / "_tok")
     tokenizer = CLIPTokenizer(str(tmp / "_tok" / "vocab.json"), str(tmp / "_tok" / "merges.txt"), model_max_length=77)
     text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,

@@ -259,9 +259,9 @@ class Oracle(Scorer):
 def tiny_clip(seed=0, image_size=32):
     """A small random-weight CLIPModel and its processor, built offline (same seed, same weights)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from sail_common import _write_byte_tokenizer
+    from sail_common import write_byte_tokenizer
     folder = CACHE_DIR / "tiny-clip-tokenizer"
-    vocab = _write_byte_tokenizer(folder)
+    vocab = write_byte_tokenizer(folder)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=vocab,
                 bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, max_position_embeddings=77)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
