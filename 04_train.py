@@ -61,7 +61,7 @@ def build_parser():
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--resolution", type=int)
     p.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (default for presets with flip=False)")
     p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -118,6 +118,7 @@ def main(args):
     init = sc.describe_model(args.init)
     preset = sc.get_preset(args.preset or init["preset"] or "sd15")
     sc.fill_defaults(args, preset, PRESET_KEYS)
+    args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
     args.batch_size = args.batch_size or sc.SCHEDULE_DEFAULTS["batch_size"]
     args.lr = args.lr or args.lr_per_pair * args.batch_size
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())

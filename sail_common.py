@@ -54,22 +54,20 @@ def run_stage(main, args):
 PRESETS = {
     "sd15": dict(model=os.environ.get("SAIL_SD15_PATH", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                  arch="sd15", resolution=512, sampler="ddpm", steps=50, cfg=7.5, optimizer="adamw",
-                 mixed_precision="bf16", gen_batch=16, reward_batch=32, micro_batch=8, epochs=1,
-                 prompts_per_iter=[10000, 20000, 20000]),
+                 mixed_precision="bf16", gen_batch=16, reward_batch=32, micro_batch=8, epochs=1),
     "sdxl": dict(model=os.environ.get("SAIL_SDXL_PATH", "stabilityai/stable-diffusion-xl-base-1.0"),
                  arch="sdxl", resolution=1024, sampler="ddim", steps=20, cfg=5.0, optimizer="adafactor",
-                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, epochs=1,
-                 prompts_per_iter=[10000, 20000]),
+                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, epochs=1),
     "tiny-sd15": dict(model="tiny:sd15", arch="sd15", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adamw", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
-                      max_steps=2, batch_size=8, prompts_per_iter=[6, 6, 6]),
+                      max_steps=2, batch_size=8),
     "tiny-sdxl": dict(model="tiny:sdxl", arch="sdxl", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adafactor", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
-                      max_steps=2, batch_size=8, prompts_per_iter=[6, 6]),
+                      max_steps=2, batch_size=8),
     # The CPU toy world (toy_world.py): a briefly pretrained small model of the SD1.5 architecture.
-    "toy": dict(model="toy", arch="sd15", resolution=32, sampler="ddim", steps=20, cfg=1.0,
+    "toy": dict(model="toy", arch="sd15", resolution=32, sampler="ddim", steps=20, cfg=1.0, flip=False,
                 optimizer="adamw", mixed_precision="no", gen_batch=64, reward_batch=160, micro_batch=32,
-                lr=1e-6, batch_size=32, max_steps=300, prompts_per_iter=[64, 64, 64]),
+                lr=1e-6, batch_size=32, max_steps=300),
 }
 SCHEDULE_DEFAULTS = dict(lr_per_pair=1e-8, batch_size=128, beta=5000.0, num_candidates=8, reward_draws=10)
 
@@ -408,6 +406,9 @@ def write_byte_tokenizer(folder):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return len(vocab)
+
+
+_write_byte_tokenizer = write_byte_tokenizer  # TEMP-ALIAS
 
 
 def build_tiny_pipeline(arch, out_dir, seed=0):
