@@ -408,9 +408,6 @@ def write_byte_tokenizer(folder):
     return len(vocab)
 
 
-_write_byte_tokenizer = write_byte_tokenizer  # TEMP-ALIAS
-
-
 def build_tiny_pipeline(arch, out_dir, seed=0):
     """Save a randomly initialised pipeline of the real SD1.5 or SDXL architecture, small enough
     for a CPU, to out_dir (diffusers layout). Same seed, same weights."""

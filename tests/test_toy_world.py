@@ -208,3 +208,13 @@ def test_ensure_toy_base_reuses_the_cache(tmp_path, monkeypatch):
     first = tw.ensure_toy_base(tmp_path)
     assert first == tmp_path / tw.TOY_BASE_NAME and tw.ensure_toy_base(tmp_path) == first
     assert len(calls) == 1
+
+
+def test_world_tokenizer_has_one_token_per_word(tmp_path):
+    from transformers import CLIPTokenizer
+    tw.write_world_tokenizer(tmp_path)
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
+    ids = tok("a medium yellow triangle at the bottom right").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == [w + "</w>" for w in "a medium yellow triangle at the bottom right".split()]
+    assert ids[0] == len(tok) - 2 and ids[-1] == len(tok) - 1  # where the text encoder config expects them
+    assert len(tok("an astronaut riding a horse").input_ids) > 6  # other words fall back to bytes
