@@ -16,7 +16,7 @@
 #   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
 #   DATA_ARGS="--pool-size 16"                     extra flags for toy_world.py data
-#   EVAL=1              evaluate at the end (0: skip)
+#   EVAL=1              evaluate at the end (0: skip); EVAL_BENCHMARK=parti (see 05_eval.py)
 set -euo pipefail
 
 PRESET=${1:?usage: bash run_all.sh PRESET ITERATIONS   (presets: toy sd15 sdxl tiny-sd15 tiny-sdxl)}
@@ -70,7 +70,7 @@ done
 if [[ "$EVAL" == 1 ]]; then
   case "$PRESET" in
     toy|tiny-*) stage "oracle report" $PY "$KIT/toy_world.py" report --run "$RUN" ;;
-    *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-pickapic}" ;;
+    *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-parti}" ;;
   esac
 fi
 log "finished: checkpoints in $RUN/iter_*/ckpt"
