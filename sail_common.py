@@ -462,8 +462,7 @@ def resolve_model_path(model):
     if model == "toy":
         import toy_world
         return str(toy_world.ensure_toy_base(CACHE_DIR))
-    looks_local = model.startswith((".", "/", "~")) or os.sep in model and Path(model).exists() or Path(model).exists()
-    if looks_local:
+    if model.startswith((".", "/", "~")) or Path(model).exists():  # a local folder, not a hub id
         path = Path(model).expanduser()
         if not (path / "model_index.json").is_file():
             raise SailError(f"model path {path} is not a diffusers pipeline folder (no model_index.json)")
