@@ -119,7 +119,6 @@ def main(args):
     preset = sc.get_preset(args.preset or init["preset"] or "sd15")
     sc.fill_defaults(args, preset, PRESET_KEYS)
     args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
-    args.batch_size = args.batch_size or sc.SCHEDULE_DEFAULTS["batch_size"]
     args.lr = args.lr or args.lr_per_pair * args.batch_size
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:

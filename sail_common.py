@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import socket
@@ -54,10 +53,10 @@ def run_stage(main, args):
 PRESETS = {
     "sd15": dict(model=os.environ.get("SAIL_SD15_PATH", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                  arch="sd15", resolution=512, sampler="ddpm", steps=50, cfg=7.5, optimizer="adamw",
-                 mixed_precision="bf16", gen_batch=16, reward_batch=32, micro_batch=8, epochs=1),
+                 mixed_precision="bf16", gen_batch=16, reward_batch=32, micro_batch=8, batch_size=128, epochs=1),
     "sdxl": dict(model=os.environ.get("SAIL_SDXL_PATH", "stabilityai/stable-diffusion-xl-base-1.0"),
                  arch="sdxl", resolution=1024, sampler="ddim", steps=20, cfg=5.0, optimizer="adafactor",
-                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, epochs=1),
+                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, batch_size=128, epochs=1),
     "tiny-sd15": dict(model="tiny:sd15", arch="sd15", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adamw", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
                       max_steps=2, batch_size=8),
@@ -69,7 +68,6 @@ PRESETS = {
                 optimizer="adamw", mixed_precision="no", gen_batch=64, reward_batch=160, micro_batch=32,
                 lr=1e-6, batch_size=32, max_steps=300),
 }
-SCHEDULE_DEFAULTS = dict(lr_per_pair=1e-8, batch_size=128, beta=5000.0, num_candidates=8, reward_draws=10)
 
 
 def get_preset(name):
@@ -110,12 +108,6 @@ def torch_dtype(name):
 def inference_dtype(device, mixed_precision):
     """Frozen models run in half precision on a GPU, in float32 on the CPU."""
     return torch.float32 if device.type == "cpu" else torch_dtype(mixed_precision if mixed_precision != "no" else "fp32")
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def derive_seed(*parts):
@@ -573,10 +565,6 @@ def encode_prompts(pipe, prompts, device):
         return {"embeds": embeds, "pooled": pooled}
     embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
     return {"embeds": embeds}
-
-
-def select_cond(cond, index):
-    return {k: v[index] for k, v in cond.items()}
 
 
 def unet_call(unet, latents, timesteps, cond, resolution):

@@ -1,7 +1,6 @@
 """The SAIL loop's stages: self-reward on cases with a known answer, pairing, mixup shares,
 generation determinism and resume, the overlap refusal."""
 import copy
-import json
 import shutil
 
 import pytest
