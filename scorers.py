@@ -469,9 +469,15 @@ def plot_metrics(series, models, out_path, title=""):
         if len(lines) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title)
+    save_figure(fig, out_path)
+    return True
+
+
+def save_figure(fig, out_path):
+    """Write a matplotlib figure to out_path (a temporary name, then renamed) and close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = Path(out_path).with_name(Path(out_path).stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_path)
-    return True

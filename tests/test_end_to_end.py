@@ -12,10 +12,10 @@ from conftest import ROOT
 TINY_DATA = "--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --seed-fraction 0.5"
 
 
-def run_all(run_dir, preset, iterations):
-    env = dict(os.environ, RUN=str(run_dir), DATA_ARGS=TINY_DATA, N="4", K="2", PYTHON=sys.executable)
+def run_all(run_dir, preset, iterations, **overrides):
+    env = dict(os.environ, RUN=str(run_dir), DATA_ARGS=TINY_DATA, N="4", K="2", PYTHON=sys.executable, **overrides)
     done = subprocess.run(["bash", str(ROOT / "run_all.sh"), preset, str(iterations)], env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -82,3 +82,20 @@ def test_overlapping_pools_stop_the_loop_before_it_starts(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "tiny-sd15", "2"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "prompt sets overlap" in done.stderr and "iter_02.jsonl" in done.stderr
     assert not (run_dir / "iter_00").exists()
+
+
+@pytest.mark.slow
+def test_toy_world_shortened(tmp_path):
+    """The README's main command, shortened: the real toy base (pretrained in the test's empty cache,
+    about 4 minutes), then one SAIL iteration on small pools with a few DPO steps, and the report."""
+    run_dir = tmp_path / "toy"
+    out = run_all(run_dir, "toy", 1, DATA_ARGS="--pool-size 8 --n-eval 8 --n-universe 40", TRAIN_ARGS="--max-steps 10")
+    assert "oracle report done" in out
+    report = json.loads((run_dir / "eval" / "oracle_report.json").read_text())
+    assert list(report) == ["base", "iter_00", "iter_01"]
+    assert all(0.0 <= r["mean"] <= 1.0 and r["n"] == 8 * 4 for r in report.values())
+    assert 0.0 <= report["iter_01"]["self_reward_agreement"] <= 1.0 and "win_rate" in report["iter_01"]
+    for name in report:
+        assert f"{name} " in out and "follows colour" in out
+    info = json.loads((run_dir / "iter_01" / "ckpt" / "sail.json").read_text())
+    assert info["preset"] == "toy" and info["steps"] == 10

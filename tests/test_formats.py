@@ -138,3 +138,13 @@ def test_too_little_disk_space_is_refused_up_front(tmp_path, monkeypatch):
     sc.check_free_space(tmp_path / "not" / "yet", 2**29, "images")
     with pytest.raises(sc.SailError, match=r"not enough disk space .* for images: about 2.0 GiB needed, 1.0 GiB free"):
         sc.check_free_space(tmp_path, 2 * 2**30, "images")
+
+
+def test_tiny_model_built_twice_into_one_folder_keeps_the_first(tmp_path):
+    """Two processes may build a kit model into the cache at once: the later one keeps the finished
+    folder and leaves no temporary folder behind."""
+    first = sc.build_tiny_pipeline("sd15", tmp_path / "tiny")
+    stamp = (first / "model_index.json").stat().st_mtime_ns
+    assert sc.build_tiny_pipeline("sd15", tmp_path / "tiny") == first
+    assert (first / "model_index.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]

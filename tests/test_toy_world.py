@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import sail_common as sc
+import toy_base as tb
 import toy_world as tw
 from sail_common import SailError
 
@@ -63,8 +64,8 @@ def test_oracle_ties_blank_and_range():
 def test_render_and_oracle_are_deterministic():
     a = [tw.render_web(np.random.default_rng(7)) for _ in range(2)]
     assert np.array_equal(a[0][0], a[1][0]) and a[0][1] == a[1][1]
-    images, captions = tw.pretraining_set(32, seed=3)
-    images2, captions2 = tw.pretraining_set(32, seed=3)
+    images, captions = tb.pretraining_set(32, seed=3)
+    images2, captions2 = tb.pretraining_set(32, seed=3)
     assert np.array_equal(images, images2) and captions == captions2
     scores = [tw.oracle_score(c, Image.fromarray(i)) for c, i in zip(captions, images)]
     assert scores == [tw.oracle_score(c, Image.fromarray(i)) for c, i in zip(captions, images)]
@@ -180,8 +181,8 @@ def test_score_checkpoints_report_and_agreement(tiny_run, tmp_path, capsys):
 def test_toy_base_smoke_build_loads_in_diffusers_and_is_deterministic(tmp_path):
     from diffusers import StableDiffusionPipeline
     small = dict(n_images=64, vae_steps=2, unet_steps=2, batch_size=8, log_every=0)
-    a = tw.build_toy_base(tmp_path / "a", **small)
-    b = tw.build_toy_base(tmp_path / "b", **small)
+    a = tb.build_toy_base(tmp_path / "a", **small)
+    b = tb.build_toy_base(tmp_path / "b", **small)
     assert not (tmp_path / "a.tmp").exists()
     pipe = StableDiffusionPipeline.from_pretrained(a)
     assert pipe.safety_checker is None and pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
@@ -204,17 +205,35 @@ def test_ensure_toy_base_reuses_the_cache(tmp_path, monkeypatch):
         (path / "model_index.json").write_text("{}")
         return path
 
-    monkeypatch.setattr(tw, "build_toy_base", fake_build)
-    first = tw.ensure_toy_base(tmp_path)
-    assert first == tmp_path / tw.TOY_BASE_NAME and tw.ensure_toy_base(tmp_path) == first
+    monkeypatch.setattr(tb, "build_toy_base", fake_build)
+    first = tb.ensure_toy_base(tmp_path)
+    assert first == tmp_path / tb.TOY_BASE_NAME and tb.ensure_toy_base(tmp_path) == first
     assert len(calls) == 1
 
 
 def test_world_tokenizer_has_one_token_per_word(tmp_path):
     from transformers import CLIPTokenizer
-    tw.write_world_tokenizer(tmp_path)
+    tb.write_world_tokenizer(tmp_path)
     tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
     ids = tok("a medium yellow triangle at the bottom right").input_ids
     assert tok.convert_ids_to_tokens(ids)[1:-1] == [w + "</w>" for w in "a medium yellow triangle at the bottom right".split()]
     assert ids[0] == len(tok) - 2 and ids[-1] == len(tok) - 1  # where the text encoder config expects them
     assert len(tok("an astronaut riding a horse").input_ids) > 6  # other words fall back to bytes
+
+
+def test_ensure_toy_base_waits_for_a_build_in_another_process(tmp_path, monkeypatch):
+    """A second process asking for the base while the first builds it waits instead of failing."""
+    import threading
+    monkeypatch.setattr(tb, "build_toy_base", lambda path, **kw: pytest.fail("built twice"))
+    lock = tmp_path / ".lock"
+    lock.write_text("%s %d toy-base build" % (__import__("socket").gethostname(), __import__("os").getpid()))
+
+    def finish_build():
+        (tmp_path / tb.TOY_BASE_NAME).mkdir()
+        (tmp_path / tb.TOY_BASE_NAME / "model_index.json").write_text("{}")
+        lock.unlink()
+
+    timer = threading.Timer(0.5, finish_build)
+    timer.start()
+    assert tb.ensure_toy_base(tmp_path) == tmp_path / tb.TOY_BASE_NAME
+    timer.join()

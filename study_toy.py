@@ -1,0 +1,302 @@
+"""The toy study: SAIL with 6% of the labels against DPO with all of them, and the paper's
+ablations, in the toy world over several data seeds; writes the README's study table and plot.
+
+For every seed (its own prompt split, seed set and labelled universe; the toy world and its
+hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds are 2, 3 and 4):
+  1. the SAIL loop, `bash run_all.sh toy 2` into <out>/seed_<s>: data, iteration 0 (DPO on the 6%
+     seed), SAIL iterations 1 and 2 (N = 8, K = 10, best-worst pairs, 25% human pairs in the mix);
+  2. ablations of iteration 1, each a new iteration 1 from the same iteration-0 model and the same
+     candidate images: random pairs instead of best-worst, no mixup (self pairs only), 75% human
+     pairs (the other reading of the paper's mix ratio, see 03_mixup.py), N = 2 and N = 4 (the
+     first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
+  3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
+     base model, for as many steps as each SAIL stage (about one pass over its pairs; --dpo-all-steps);
+  4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
+     and its win rate against the base; the self-reward's agreement with the oracle on its own
+     best-worst pairs and on 128 held-out oracle-labelled pairs (05_eval.py --reward-accuracy):
+     every SAIL model at K = 10, iteration 0 at K = 1, 10, 30 with and without common draws.
+Then mean and spread (sample standard deviation) over the seeds.
+
+Command (about an hour and a half on 2 CPU cores with --jobs 3; seeds run side by side):
+    python study_toy.py --out runs/study --jobs 3
+The plumbing on tiny random-weight models, in a minute or two:
+    python study_toy.py --out /tmp/study --preset tiny-sd15 --quick --seeds 0
+
+Reads:  nothing; the toy base model is built once and cached (python toy_world.py base).
+Writes: <out>/seed_<s>/ (a run folder of run_all.sh plus ablation_*/, dpo_all_labels/,
+        seed/heldout_pairs.jsonl, eval/, study.log with every stage's output), then <out>/study.json
+        (every number per seed, stage times), study.md (tables), study.png (plot), study.args.json,
+        log.txt. Every stage skips what is finished: rerun the command after a crash to continue.
+"""
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import sail_common as sc
+import scorers
+
+log = logging.getLogger("sail")
+KIT = Path(__file__).resolve().parent
+# name -> (candidates per prompt, pairing, share of human pairs) for a new iteration 1
+ABLATIONS = {
+    "ablation_random_pairs": (8, "random", 0.25),
+    "ablation_no_mixup": (8, "best-worst", 0.0),
+    "ablation_human_share_0.75": (8, "best-worst", 0.75),
+    "ablation_n2": (2, "best-worst", 0.25),
+    "ablation_n4": (4, "best-worst", 0.25),
+}
+MODELS = [  # row order of the table: (folder name in a seed's run, label, which human labels it used)
+    ("base", "base model", None), ("iter_00", "iteration 0: DPO on the seed", "seed"),
+    ("iter_01", "SAIL iteration 1", "seed"), ("iter_02", "SAIL iteration 2", "seed"),
+    ("dpo_all_labels", "DPO on all labels", "all"),
+    ("ablation_random_pairs", "iteration 1, random pairs", "seed"), ("ablation_no_mixup", "iteration 1, no mixup", "seed"),
+    ("ablation_no_mixup_iter2", "iteration 2, no mixup in 1 and 2", "seed"),
+    ("ablation_human_share_0.75", "iteration 1, 75% human pairs", "seed"),
+    ("ablation_n2", "iteration 1, N = 2", "seed"), ("ablation_n4", "iteration 1, N = 4", "seed"),
+]
+QUICK = dict(data="--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --seed-fraction 0.5",
+             steps=2, draws=2, sweep=[1, 2], heldout=4, images_per_prompt=1)
+FULL = dict(data="", steps=None, draws=10, sweep=[1, 10, 30], heldout=128, images_per_prompt=4)
+
+
+def run_seed(args, seed, cfg):
+    """Every stage of one seed, in order; returns the seed's numbers. Stage output goes to study.log."""
+    run = args.out / f"seed_{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    steps = cfg["steps"] or sc.get_preset(args.preset)["max_steps"]
+    data_args = f"--seed {seed} --n-pools {args.iterations} {cfg['data']}".split()
+    train_args = ["--seed", str(seed), "--max-steps", str(steps)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    times = {}
+
+    def sh(name, *cmd, extra_env=None):
+        start = time.time()
+        with open(run / "study.log", "a") as out:
+            out.write(f"\n$ {' '.join(map(str, cmd))}\n")
+            out.flush()
+            code = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, cwd=KIT,
+                                  env={**env, **(extra_env or {})}).returncode
+        if code:
+            raise sc.SailError(f"seed {seed}: {name} failed (exit {code}); its output is at the end of {run / 'study.log'}")
+        times[name] = round(time.time() - start, 1)
+        log.info("seed %d: %s done in %.0f s", seed, name, times[name])
+
+    py = [sys.executable]
+    sh("SAIL loop (run_all.sh)", "bash", KIT / "run_all.sh", args.preset, args.iterations,
+       extra_env=dict(RUN=str(run), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0",
+                      DATA_ARGS=" ".join(data_args), TRAIN_ARGS=" ".join(train_args)))
+    iter0, iter1 = run / "iter_00" / "ckpt", run / "iter_01"
+    for name, (n, pairing, share) in ABLATIONS.items():
+        folder = run / name
+        if (folder / "ckpt" / "sail.json").is_file():
+            continue
+        self_pairs = iter1 / "pairs.jsonl"
+        if (n, pairing) != (8, "best-worst"):  # new self-labelled pairs from (a subset of) the same images
+            gens = [dict(sc.strip_private(g), image=f"../{iter1.name}/{g['image']}")
+                    for g in sc.read_jsonl(iter1 / "generations.jsonl") if g["index"] < n]
+            if not (folder / "generations.jsonl").is_file():
+                sc.write_jsonl_atomic(folder / "generations.jsonl", gens)
+            sh(f"{name}: 02 self-reward", *py, "02_self_reward.py", "--ckpt", iter0, "--dir", folder,
+               "--draws", cfg["draws"], "--pairing", pairing)
+            self_pairs = folder / "pairs.jsonl"
+        sh(f"{name}: 03 mixup", *py, "03_mixup.py", "--self-pairs", self_pairs, "--human-pairs",
+           run / "seed" / "pairs.jsonl", "--out", folder / "train_pairs.jsonl", "--human-share", share)
+        sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", iter0, "--pairs", folder / "train_pairs.jsonl",
+           "--out", folder / "ckpt", "--iter", 1, *train_args)
+    if args.iterations >= 2:  # no mixup in iteration 2 as well: the paper (Table 6) sees the harm there
+        start, folder = run / "ablation_no_mixup" / "ckpt", run / "ablation_no_mixup_iter2"
+        if not (folder / "ckpt" / "sail.json").is_file():
+            sh("ablation_no_mixup_iter2: 01 generate", *py, "01_generate.py", "--ckpt", start, "--pool",
+               run / "pools" / "iter_02.jsonl", "--out", folder)
+            sh("ablation_no_mixup_iter2: 02 self-reward", *py, "02_self_reward.py", "--ckpt", start, "--dir", folder,
+               "--draws", cfg["draws"])
+            sh("ablation_no_mixup_iter2: 03 mixup", *py, "03_mixup.py", "--self-pairs", folder / "pairs.jsonl",
+               "--human-pairs", run / "seed" / "pairs.jsonl", "--out", folder / "train_pairs.jsonl", "--human-share", 0)
+            sh("ablation_no_mixup_iter2: 04 DPO", *py, "04_train.py", "--init", start, "--pairs",
+               folder / "train_pairs.jsonl", "--out", folder / "ckpt", "--iter", 2, *train_args)
+
+    sh("data: all labels", *py, "toy_world.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
+    dpo_steps = args.dpo_all_steps or steps
+    sh("DPO on all labels", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
+       "--out", run / "dpo_all_labels" / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", dpo_steps)
+
+    heldout = write_heldout_pairs(run / "seed", cfg["heldout"], seed)
+    sweep_out, iters_out = run / "eval" / "reward_accuracy_draws", run / "eval" / "reward_accuracy_iterations"
+    sh("reward accuracy: K and common draws", *py, "05_eval.py", "--reward-accuracy", heldout, "--ckpt", iter0,
+       "--draws", *cfg["sweep"], "--common-draws", "both", "--out", sweep_out)
+    sail_ckpts = [a for i in range(args.iterations + 1) for a in ("--ckpt", run / f"iter_{i:02d}" / "ckpt")]
+    sh("reward accuracy: per iteration", *py, "05_eval.py", "--reward-accuracy", heldout, *sail_ckpts,
+       "--draws", cfg["draws"], "--common-draws", "yes", "--out", iters_out)
+    sh("oracle report", *py, "toy_world.py", "report", "--run", run, "--images-per-prompt", cfg["images_per_prompt"])
+
+    oracle = json.loads((run / "eval" / "oracle_report.json").read_text())
+    accuracy = {}
+    for folder in (sweep_out, iters_out):
+        for path in sorted(folder.glob("*/reward_accuracy.json")):
+            for r in json.loads(path.read_text())["results"]:
+                accuracy[f"{path.parent.name}: {r['method']}"] = r["accuracy"]
+    stats = json.loads((run / "seed" / "stats.json").read_text())
+    return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, data=stats, dpo_all_labels_steps=dpo_steps,
+                steps_per_iteration=steps, heldout_pairs=len(sc.read_jsonl(heldout)), stage_seconds=times)
+
+
+def write_heldout_pairs(seed_dir, n, seed):
+    """n labelled pairs of the universe that are not in the human seed set -> seed/heldout_pairs.jsonl."""
+    path = seed_dir / "heldout_pairs.jsonl"
+    if not path.is_file():
+        seen = {(p["image_w"], p["image_l"]) for p in sc.read_jsonl(seed_dir / "pairs.jsonl")}
+        rest = [sc.strip_private(p) for p in sc.read_jsonl(seed_dir / "all_pairs.jsonl")
+                if (p["image_w"], p["image_l"]) not in seen]
+        pick = np.random.default_rng(sc.derive_seed(seed, "heldout") % 2**32).permutation(len(rest))[:n]
+        sc.write_jsonl_atomic(path, [rest[i] for i in sorted(pick)])
+    return path
+
+
+# ---------------------------------------------------------------- tables and plot across seeds
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, values
+
+
+def summarize(per_seed):
+    """Per-seed results -> {"models": {name: {score, delta, win_rate, agreement}}, "accuracy": {key: ...}}
+    with (mean, sd, per-seed values) for each number."""
+    models = {}
+    for name, _, _ in MODELS:
+        rows = [s["oracle"].get(name) for s in per_seed]
+        if not any(rows):
+            continue
+        models[name] = {key: spread([r.get(key) if r else None for r in rows])
+                        for key in ("mean", "delta", "win_rate", "self_reward_agreement")}
+    keys = sorted({k for s in per_seed for k in s["heldout_accuracy"]})
+    accuracy = {k: spread([s["heldout_accuracy"].get(k) for s in per_seed]) for k in keys}
+    return dict(models=models, accuracy=accuracy, seeds=[s["seed"] for s in per_seed])
+
+
+def _cell(stat, dec=3, sign=False, pct=False):
+    if not stat:
+        return "–"
+    mean, sd, _ = stat
+    if pct:
+        return f"{100 * mean:.1f}% ± {100 * sd:.1f}"
+    return f"{mean:{'+' if sign else ''}.{dec}f} ± {sd:.{dec}f}"
+
+
+def markdown(summary, per_seed):
+    seeds = ", ".join(map(str, summary["seeds"]))
+    first = per_seed[0]
+    lines = [f"## Toy study: oracle score over data seeds {seeds} (mean ± sd over seeds)", "",
+             f"Every model drew {first['oracle']['base']['n']} eval images on the same seeds; win rate = share of "
+             "those images that beat the base model's image on the same seed (a tie counts half). SAIL and its "
+             f"ablations train {first['steps_per_iteration']} steps per iteration; DPO on all labels trains "
+             f"{first['dpo_all_labels_steps']} steps on "
+             f"{first['data'].get('all_pairs', {}).get('pairs', '?')} pairs against the seed's "
+             f"{first['data']['pairs']['pairs']}.", "",
+             "| Model | Labels | Oracle score | vs base | Win rate vs base | Self-reward agrees with oracle |",
+             "|---|---|---|---|---|---|"]
+    seed_share = f"{100 * first['data']['seed_slots'] / first['data']['universe_slots']:.0f}%"
+    for name, label, labels in MODELS:
+        m = summary["models"].get(name)
+        if m:
+            labels = {None: "0", "seed": seed_share, "all": "100%"}[labels]
+            lines.append(f"| {label} | {labels} | {_cell(m['mean'])} | {_cell(m['delta'], sign=True)} | "
+                         f"{_cell(m['win_rate'], pct=True)} | {_cell(m['self_reward_agreement'], pct=True)} |")
+    lines += ["", "Self-reward agreement: the share of the iteration's best-worst pairs (labelled by the previous "
+              "model's implicit reward) whose winner the oracle scores higher.", "",
+              f"## Self-reward accuracy on {first['heldout_pairs']} held-out oracle-labelled "
+              "pairs (mean ± sd over seeds)", "", "| Model and reward | Accuracy |", "|---|---|"]
+    lines += [f"| {key} | {_cell(stat, pct=True)} |" for key, stat in summary["accuracy"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, out_path):
+    """Left: oracle score gain over the base per model (mean ± sd, dots = seeds). Right: held-out
+    accuracy of iteration 0's self-reward against K, with and without common draws."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed (pip install matplotlib): skipping %s", out_path)
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[1.6, 1]))
+    names = [(n, label) for n, label, _ in MODELS if n != "base" and summary["models"].get(n, {}).get("delta")]
+    for y, (name, _) in enumerate(names):
+        mean, sd, values = summary["models"][name]["delta"]
+        colour = "tab:blue" if name.startswith("iter_") else "tab:red" if name == "dpo_all_labels" else "tab:gray"
+        left.barh(y, mean, xerr=sd, color=colour, alpha=0.8, capsize=3)
+        left.scatter(values, [y] * len(values), color="black", s=10, zorder=3)
+    left.set_yticks(range(len(names)), [label for _, label in names])
+    left.invert_yaxis()
+    left.axvline(0, color="black", lw=0.8)
+    left.set_xlabel("oracle score minus the base model's")
+    left.set_title("SAIL (blue), DPO on all labels (red), ablations (grey)", fontsize=9)
+    for common, style in ((True, "o-"), (False, "s--")):
+        points = [(int(k.split("K=")[1].split()[0]), stat) for k, stat in summary["accuracy"].items()
+                  if k.startswith("iter_00") and "draws" in k and (" common" in k) == common and stat]
+        if points:
+            points.sort()
+            ks, stats = zip(*points)
+            right.errorbar(ks, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt=style, capsize=3,
+                           label="common draws" if common else "own draws per image")
+    right.axhline(0.5, color="black", lw=0.8, ls=":")
+    right.set_xscale("log")
+    ticks = sorted({int(k.split("K=")[1].split()[0]) for k in summary["accuracy"] if k.startswith("iter_00")})
+    right.set_xticks(ticks, [str(k) for k in ticks])
+    right.minorticks_off()
+    right.set_xlabel("K (t, noise) draws per image")
+    right.set_ylabel("accuracy on held-out pairs")
+    right.set_title("iteration 0's self-reward against the oracle", fontsize=9)
+    right.legend(fontsize=8)
+    scorers.save_figure(fig, out_path)
+    return True
+
+
+def main(args):
+    args.out = args.out.resolve()
+    sc.setup_logging(args.out, "study")
+    sc.save_args(args.out, "study", args)
+    cfg = QUICK if args.quick else FULL
+    log.info("study: preset %s, seeds %s, %d iteration(s), %d job(s), output %s",
+             args.preset, args.seeds, args.iterations, args.jobs, args.out)
+    start = time.time()
+    sc.describe_model(args.preset)  # builds the base model once (cached) before the seeds start
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        per_seed = list(pool.map(lambda s: run_seed(args, s, cfg), args.seeds))
+    summary = summarize(per_seed)
+    sc.write_json_atomic(args.out / "study.json", dict(summary=summary, per_seed=per_seed,
+                                                       wall_seconds=round(time.time() - start)))
+    table = markdown(summary, per_seed)
+    (args.out / "study.md").write_text(table)
+    plot(summary, args.out / "study.png")
+    print(table)
+    log.info("study written: %s, %s, %s", args.out / "study.md", args.out / "study.png", args.out / "study.json")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="data seeds (0 and 1 tuned the toy world)")
+    p.add_argument("--iterations", type=int, default=2, help="SAIL iterations T")
+    p.add_argument("--preset", default="toy", help="toy; tiny-sd15 / tiny-sdxl test the plumbing")
+    p.add_argument("--dpo-all-steps", type=int, help="steps of DPO on all labels (default: one iteration's steps)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
+    p.add_argument("--threads", type=int, help="torch threads per stage (default: torch's; 1 suits --jobs 2-3 on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 training steps: checks the plumbing only")
+    return p
+
+
+if __name__ == "__main__":
+    sc.run_stage(main, build_parser().parse_args())
