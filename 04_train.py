@@ -5,6 +5,12 @@ epsilon^i with epsilon^i as reference). Each pair's two images get the same crop
 timestep and noise; the preferred and dispreferred halves go through the UNet as one batch,
 the reference runs once per batch without gradients. Loss: dpo_loss.py (beta 5000).
 
+The whole UNet is trained by default, as in the paper and DiffusionDPO. --lora-rank R trains a
+LoRA of rank R on the attention projections instead (needs `pip install peft`): the reference is
+then the same UNet with its adapter switched off, so only one UNet is in memory, and the
+adapter is merged into the weights on save, so the checkpoint is an ordinary full UNet that
+the next iteration starts from (with a fresh LoRA on top).
+
 Commands (iteration i of a run; iteration 0 is the seed DPO, see 00_seed_dpo.py):
     python 04_train.py --run runs/toy --iter 1
 is short for
@@ -15,9 +21,11 @@ Several GPUs: `accelerate launch 04_train.py ...` (the effective batch stays --b
 Reads:  the pair file and its images; the start checkpoint (ckpt/unet + sail.json) or, for
         iteration 0, the preset's base model.
 Writes: <out>/unet/ (diffusers safetensors), <out>/sail.json (where it came from),
-        <out>/train_log.jsonl; train.args.json and log.txt beside <out>. While it runs,
-        <out>.partial/ holds resumable state every --save-every steps; a killed run continues
-        from there when rerun (--restart discards it). A finished <out> is never overwritten.
+        <out>/train_log.jsonl; with --lora-rank also <out>/lora/, the adapter alone, for a
+        pipeline of the start model (`pipe.load_lora_weights("<out>/lora")`); train.args.json
+        and log.txt beside <out>. While it runs, <out>.partial/ holds resumable state every
+        --save-every steps; a killed run continues from there when rerun (--restart discards
+        it). A finished <out> is never overwritten.
 
 Learning rate: DiffusionDPO's scaled rule, lr = 1e-8 per pair x effective batch (128 -> 1.28e-6).
 """
@@ -38,6 +46,7 @@ from dpo_loss import dpo_loss
 
 log = logging.getLogger("sail")
 PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "micro_batch", "epochs", "max_steps", "batch_size", "lr")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every transformer block
 
 
 def build_parser():
@@ -64,7 +73,9 @@ def build_parser():
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (default for presets with flip=False)")
     p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (on by default for sdxl)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank instead of the whole UNet (0: whole UNet, the paper's setting)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha: the rank)")
     p.add_argument("--no-cache-latents", action="store_true", help="VAE-encode every step instead of once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
@@ -107,6 +118,56 @@ def load_pair_pixels(row, resolution, seed, random_crop, flip):
     return out
 
 
+def make_optimizer(name, params, lr, weight_decay):
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, clip_threshold=1.0,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def lora_config(rank, alpha):
+    """peft's LoraConfig for the attention projections; peft is only needed here."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise sc.SailError(f"--lora-rank {rank} trains a LoRA through peft, which is not installed: pip install peft") from None
+    # init_lora_weights=True: B starts at zero, so the UNet starts equal to its reference
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True)
+
+
+def add_lora(unet, config, seed):
+    """Freeze the UNet and put a fresh LoRA on it (diffusers' peft integration)."""
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # the same initial A matrices in every run and process
+        torch.manual_seed(sc.derive_seed(seed, "lora"))
+        unet.add_adapter(config)
+    return unet
+
+
+@contextlib.contextmanager
+def adapters_off(unet):
+    """The LoRA-trained UNet as its own reference: the start model is the UNet without its adapter."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def save_lora(unet, folder, arch):
+    """The adapter alone, in the layout `pipe.load_lora_weights(folder)` reads. The scale alpha / rank
+    is folded into the up matrices, so that a loader's default alpha (the rank) gives the trained model."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    config = unet.peft_config["default"]
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v * (config.lora_alpha / config.r) if ".lora.up." in k else v for k, v in state.items()}
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    cls.save_lora_weights(folder, unet_lora_layers=state)
+
+
 def main(args):
     from accelerate import Accelerator
 
@@ -118,8 +179,13 @@ def main(args):
     init = sc.describe_model(args.init)
     preset = sc.get_preset(args.preset or init["preset"] or "sd15")
     sc.fill_defaults(args, preset, PRESET_KEYS)
+    args.gradient_checkpointing = args.gradient_checkpointing or preset.get("gradient_checkpointing", False)
     args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
     args.lr = args.lr or args.lr_per_pair * args.batch_size
+    if args.lora_rank < 0:
+        raise sc.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
+    args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
+    lora = lora_config(args.lora_rank, args.lora_alpha) if args.lora_rank else None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         sc.setup_logging(out.parent, "train")
@@ -137,23 +203,25 @@ def main(args):
     frozen_dtype = sc.inference_dtype(device, args.mixed_precision)
     pipe = sc.load_pipeline(init, device, frozen_dtype)
     vae = pipe.vae.to(torch.float32) if init["arch"] == "sdxl" else pipe.vae  # SDXL's VAE overflows in fp16
-    unet = sc.load_unet(init, torch.float32).to(device)
+    unet = sc.load_unet(init, torch.float32)
     n_params = sum(p.numel() for p in unet.parameters())
     sc.check_free_space(out.parent, n_params * 4 * (5 if args.save_every else 2), "the checkpoint and resumable state")
-    ref_unet = pipe.unet.eval().requires_grad_(False)  # the start model, frozen
+    if lora:
+        unet = add_lora(unet, lora, args.seed).to(device)
+        ref_unet, ref_dtype = unet, torch.float32  # unwrapped, so switching its adapter off never goes through DDP
+        pipe.unet = None  # the second copy of the UNet is not needed
+        log.info("LoRA rank %d alpha %g on %s: %d trainable of %d parameters", args.lora_rank, args.lora_alpha,
+                 "/".join(LORA_TARGETS), sum(p.numel() for p in unet.parameters() if p.requires_grad), n_params)
+    else:
+        unet = unet.to(device)
+        ref_unet, ref_dtype = pipe.unet.eval().requires_grad_(False), frozen_dtype  # the start model, frozen
     for module in (vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if args.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-        optimizer = Adafactor(params, lr=args.lr, weight_decay=args.weight_decay, clip_threshold=1.0,
-                              scale_parameter=False, relative_step=False, warmup_init=False)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr, args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
     noise_scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
@@ -163,7 +231,11 @@ def main(args):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     if (partial / "progress.json").is_file():
-        start_step = json.loads((partial / "progress.json").read_text())["step"]
+        progress = json.loads((partial / "progress.json").read_text())
+        if progress.get("lora_rank", 0) != args.lora_rank:
+            raise sc.SailError(f"{partial} was saved with --lora-rank {progress.get('lora_rank', 0)}, not {args.lora_rank}: "
+                               f"rerun with that, or add --restart to discard it")
+        start_step = progress["step"]
         accelerator.load_state(str(partial / "state"))
         log.info("resuming from %s at step %d", partial, start_step)
     elif accelerator.is_main_process:
@@ -215,8 +287,8 @@ def main(args):
             cond = {k: torch.cat([v, v]) for k, v in cond.items()}
             last = m + micro >= len(mine)
             with accelerator.autocast(), (contextlib.nullcontext() if last else accelerator.no_sync(unet)):
-                with torch.no_grad():
-                    ref_pred = sc.unet_call(ref_unet, noisy.to(frozen_dtype), t, {k: v.to(frozen_dtype) for k, v in cond.items()}, args.resolution)
+                with torch.no_grad(), (adapters_off(ref_unet) if args.lora_rank else contextlib.nullcontext()):
+                    ref_pred = sc.unet_call(ref_unet, noisy.to(ref_dtype), t, {k: v.to(ref_dtype) for k, v in cond.items()}, args.resolution)
                 model_pred = sc.unet_call(unet, noisy, t, {k: v.float() for k, v in cond.items()}, args.resolution)
                 result = dpo_loss(model_pred, ref_pred, target, args.beta)
                 accelerator.backward(result.loss * len(rows) / len(mine))
@@ -249,7 +321,7 @@ def main(args):
             if accelerator.is_main_process:
                 shutil.rmtree(partial / "state", ignore_errors=True)
                 tmp_state.rename(partial / "state")
-                sc.write_json_atomic(partial / "progress.json", {"step": step + 1})
+                sc.write_json_atomic(partial / "progress.json", {"step": step + 1, "lora_rank": args.lora_rank})
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -257,9 +329,18 @@ def main(args):
                     parent=init["ckpt"] or init["base_model"], iteration=args.iter if args.iter is not None else 0 if init["iteration"] is None else init["iteration"] + 1,
                     pairs=str(args.pairs), pair_counts=counts, steps=total_steps, effective_batch=args.batch_size, lr=args.lr,
                     beta=args.beta, optimizer=args.optimizer, num_processes=accelerator.num_processes,
+                    lora=dict(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=LORA_TARGETS) if args.lora_rank else None,
                     args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-        sc.save_checkpoint(accelerator.unwrap_model(unet), out, info)
+        model = accelerator.unwrap_model(unet)
+        if args.lora_rank:
+            shutil.rmtree(partial / "lora", ignore_errors=True)
+            save_lora(model, partial / "lora", init["arch"])
+            model.fuse_lora()  # W += alpha / rank * B A, then plain layers again: an ordinary UNet2DConditionModel
+            model.unload_lora()
+        sc.save_checkpoint(model, out, info)
         shutil.move(str(partial / "train_log.jsonl"), out / "train_log.jsonl")
+        if args.lora_rank:
+            shutil.move(str(partial / "lora"), out / "lora")
         shutil.rmtree(partial, ignore_errors=True)
         log.info("wrote %s", out)
         if args.export_pipeline:

@@ -6,6 +6,7 @@ refuses (exit 2) when the prompt pools of a run overlap each other or the seed p
 """
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -56,7 +57,8 @@ PRESETS = {
                  mixed_precision="bf16", gen_batch=16, reward_batch=32, micro_batch=8, batch_size=128, epochs=1),
     "sdxl": dict(model=os.environ.get("SAIL_SDXL_PATH", "stabilityai/stable-diffusion-xl-base-1.0"),
                  arch="sdxl", resolution=1024, sampler="ddim", steps=20, cfg=5.0, optimizer="adafactor",
-                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, batch_size=128, epochs=1),
+                 mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, batch_size=128, epochs=1,
+                 gradient_checkpointing=True),  # as DiffusionDPO's SDXL training
     "tiny-sd15": dict(model="tiny:sd15", arch="sd15", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adamw", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
                       max_steps=2, batch_size=8),
@@ -340,9 +342,9 @@ def check_free_space(folder, need_bytes, what):
 
 # ---------------------------------------------------------------- run-folder lock
 @contextlib.contextmanager
-def folder_lock(folder, stage):
-    """Refuse a second stage writing into the same folder at once. A lock left by a killed
-    process (its pid is gone on this host) is taken over."""
+def folder_lock(folder, stage, wait=False):
+    """Refuse a second stage writing into the same folder at once (with wait=True, wait for it
+    instead). A lock left by a killed process (its pid is gone on this host) is taken over."""
     if os.environ.get("RANK", "0") != "0":  # only the main process of a multi-process launch locks
         yield
         return
@@ -350,7 +352,7 @@ def folder_lock(folder, stage):
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
     me = f"{socket.gethostname()} {os.getpid()} {stage}"
-    for _ in range(2):
+    for attempt in itertools.count():
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.write(fd, me.encode())
@@ -360,6 +362,9 @@ def folder_lock(folder, stage):
             holder = lock.read_text().split() if lock.exists() else []
             if len(holder) >= 2 and holder[0] == socket.gethostname() and not _pid_alive(int(holder[1])):
                 lock.unlink(missing_ok=True)
+                continue
+            if wait or (attempt == 0 and not holder):  # no holder yet: it is being written this instant
+                time.sleep(2 if wait else 0.1)
                 continue
             raise SailError(f"{folder} is locked by another stage ({' '.join(holder)}); "
                             f"wait for it, or delete {lock} if that process is gone") from None
@@ -408,7 +413,7 @@ def build_tiny_pipeline(arch, out_dir, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")  # several processes may build it at once
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
     vocab_size = write_byte_tokenizer(tmp / "_tok")
@@ -438,8 +443,14 @@ def build_tiny_pipeline(arch, out_dir, seed=0):
         raise SailError(f"unknown architecture '{arch}' (sd15 or sdxl)")
     pipe.save_pretrained(tmp)
     shutil.rmtree(tmp / "_tok")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    if out_dir.exists() and not (out_dir / "model_index.json").is_file():
+        shutil.rmtree(out_dir)  # a broken earlier build
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process finished the same (deterministic) build first
+        if not (out_dir / "model_index.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return out_dir
 
 
@@ -452,8 +463,8 @@ def resolve_model_path(model):
             build_tiny_pipeline(model.split(":")[1], path)
         return str(path)
     if model == "toy":
-        import toy_world
-        return str(toy_world.ensure_toy_base(CACHE_DIR))
+        import toy_base
+        return str(toy_base.ensure_toy_base(CACHE_DIR))
     if model.startswith((".", "/", "~")) or Path(model).exists():  # a local folder, not a hub id
         path = Path(model).expanduser()
         if not (path / "model_index.json").is_file():
@@ -548,7 +559,7 @@ def export_pipeline(ckpt, out_dir):
     desc = describe_model(ckpt)
     pipe = load_pipeline(desc, torch.device("cpu"), torch.float32)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")  # several processes may build it at once
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, out_dir)

@@ -59,3 +59,32 @@ def test_two_processes_match_one(data):
         launch(n, "02_self_reward.py", "--ckpt", data / "ckpt1", "--dir", data / f"reward{n}", "--draws", 3)
     for name in ("rewards.jsonl", "pairs.jsonl"):
         assert (data / "reward1" / name).read_bytes() == (data / "reward2" / name).read_bytes()
+
+
+def test_killed_two_process_run_resumes(data):
+    """What a kill leaves (some images missing, a torn image file; a rank's partial rewards with a
+    torn last line) is finished by a rerun with 2 processes into the same files as one clean run."""
+    if not (data / "reward1" / "rewards.jsonl").is_file():
+        pytest.skip("needs test_two_processes_match_one first")
+    gen = data / "gen_killed"
+    shutil.copytree(data / "gen1", gen)
+    (gen / "generations.jsonl").unlink()
+    images = sorted((gen / "images").glob("*.png"))
+    for png in images[::3]:
+        png.unlink()
+    images[1].write_bytes(b"\x89PNG torn")
+    launch(2, "01_generate.py", "--ckpt", "tiny-sd15", "--pool", data / "pool.jsonl", "--out", gen,
+           "--num-candidates", 4, "--gen-batch", 2)
+    assert (gen / "generations.jsonl").read_bytes() == (data / "gen1" / "generations.jsonl").read_bytes()
+    for png in (data / "gen1" / "images").glob("*.png"):
+        a, b = np.asarray(Image.open(png), dtype=int), np.asarray(Image.open(gen / "images" / png.name), dtype=int)
+        assert np.abs(a - b).max() <= 1, png.name
+
+    scored = data / "reward_killed"
+    shutil.copytree(data / "gen1", scored)
+    lines = (data / "reward1" / "rewards.jsonl").read_text().splitlines(keepends=True)
+    (scored / "rewards.partial.1.jsonl").write_text("".join(lines[:4]) + lines[4][:25])  # one prompt, then torn
+    launch(2, "02_self_reward.py", "--ckpt", data / "ckpt1", "--dir", scored, "--draws", 3)
+    for name in ("rewards.jsonl", "pairs.jsonl"):
+        assert (scored / name).read_bytes() == (data / "reward1" / name).read_bytes()
+    assert "(3 prompts, 1 scored already)" in (scored / "log.txt").read_text()

@@ -35,6 +35,7 @@ def test_seed_dpo_writes_a_loadable_checkpoint(tmp_path, preset):
     info = json.loads((ckpt / "sail.json").read_text())
     assert info["arch"] == preset.split("-")[1] and info["iteration"] == 0 and info["preset"] == preset
     assert info["pair_counts"] == {"human": 6, "self": 0} and info["steps"] == 2
+    assert info["lora"] is None and not (ckpt / "lora").exists()  # the whole UNet by default
     assert (tmp_path / "iter_00" / "train.args.json").is_file() and (tmp_path / "iter_00" / "log.txt").is_file()
     log_rows = [json.loads(x) for x in (ckpt / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_rows] == [1, 2] and abs(log_rows[0]["loss"] - 0.6931) < 1e-3
@@ -83,13 +84,13 @@ def test_wrong_model_path(tmp_path, capsys):
     assert "no-such-model" in capsys.readouterr().err
 
 
-def test_killed_training_resumes_to_the_same_weights(tmp_path):
-    """Kill a run after its first saved state; the rerun continues and ends where an
-    uninterrupted run ends."""
+def train_killed_and_resumed(tmp_path, *extra):
+    """Train run a uninterrupted; kill run b after its first saved state and rerun it to the end.
+    Returns the two final UNet state dicts."""
     for name in ("a", "b"):
         make_pairs(tmp_path / name / "seed", n=8)
     argv = ["--iter", "0", "--preset", "tiny-sd15", "--max-steps", "6", "--save-every", "2", "--batch-size", "4",
-            "--micro-batch", "2"]
+            "--micro-batch", "2", *map(str, extra)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     script = str(ROOT / "04_train.py")
     subprocess.run([sys.executable, script, "--run", str(tmp_path / "a"), *argv], check=True, env=env,
@@ -107,6 +108,29 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
                           text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout
-    a, b = unet_state(tmp_path / "a" / "iter_00" / "ckpt"), unet_state(tmp_path / "b" / "iter_00" / "ckpt")
+    return unet_state(tmp_path / "a" / "iter_00" / "ckpt"), unet_state(tmp_path / "b" / "iter_00" / "ckpt")
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    """Kill a run after its first saved state; the rerun continues and ends where an
+    uninterrupted run ends."""
+    a, b = train_killed_and_resumed(tmp_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_lora_rank(tmp_path, capsys):
+    make_pairs(tmp_path / "seed", n=4)
+    with pytest.raises(SystemExit):
+        run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--lora-rank", -1)
+    assert "--lora-rank -1: expected 0 (whole UNet) or a positive rank" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_state_of_the_other_kind(tmp_path, capsys):
+    make_pairs(tmp_path / "seed", n=4)
+    partial = tmp_path / "iter_00" / "ckpt.partial"
+    partial.mkdir(parents=True)
+    (partial / "progress.json").write_text('{"step": 2}')  # a killed run of the whole UNet
+    with pytest.raises(SystemExit):
+        run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 4, "--lora-rank", 4)
+    assert "ckpt.partial was saved with --lora-rank 0, not 4: rerun with that, or add --restart" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""bench.py: the released SD1.5 and SDXL architectures it builds for --random-weights (checked on
+the meta device, without memory or time), and a run end to end on tiny models."""
+import pytest
+import torch
+from conftest import load_stage
+
+bench = load_stage("bench")
+
+# parameter counts of the released models (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0)
+UNET = {"sd15": 859_520_964, "sdxl": 2_567_463_684}
+VAE, CLIP_L, OPENCLIP_BIGG = 83_653_863, 123_060_480, 694_659_840
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_random_weights_build_the_released_architectures(arch):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    pipe, unet = bench.random_weights_pipeline(arch, torch.device("meta"), torch.bfloat16, "ddim")
+    assert isinstance(pipe, StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline)
+    assert count(unet) == count(pipe.unet) == UNET[arch]
+    assert unet.dtype == torch.float32 and pipe.unet.dtype == torch.bfloat16  # trained in float32, reference in bf16
+    assert count(pipe.vae) == VAE and pipe.vae.config.sample_size == {"sd15": 512, "sdxl": 1024}[arch]
+    assert count(pipe.text_encoder) == CLIP_L
+    if arch == "sdxl":
+        assert count(pipe.text_encoder_2) == OPENCLIP_BIGG
+        assert pipe.text_encoder_2.config.projection_dim == 1280  # pooled embeds: 2816 = 1280 + 6 x 256
+    assert unet.config.sample_size * 8 == bench.sc.PRESETS[arch]["resolution"]
+    assert pipe.tokenizer("a red square").input_ids[-1] == pipe.text_encoder.config.eos_token_id
+
+
+def small_architectures():
+    """FULL_SIZE with CPU-sized shapes, to run the --random-weights path in seconds."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    unet = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=4, norm_num_groups=8, attention_head_dim=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+    return {"sd15": dict(unet=dict(unet, cross_attention_dim=32), vae=vae, text=[text]),
+            "sdxl": dict(unet=dict(unet, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                   projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True),
+                         vae=vae, text=[text, dict(text, hidden_act="gelu")])}
+
+
+def run_bench(capsys, *argv):
+    bench.main(bench.build_parser().parse_args(["--pairs", "2", "--images", "2", "--steps", "1", *argv]))
+    return capsys.readouterr().out.splitlines()
+
+
+def check_report(lines, arch):
+    rows = {line.split("  ")[0]: line for line in lines}
+    for work in ("DPO training", "generation", "self-reward (K=10)"):
+        ours, naive, ratio, peak = rows[work].split()[-4:]
+        assert float(ours) > 0 and float(naive) > 0 and ratio.endswith("x") and float(peak) > 0, rows[work]
+    assert any(line.startswith("peak memory ") for line in lines)
+    assert any(line.startswith("ESTIMATE from the rates above") and f"paper's {arch} run" in line for line in lines)
+    iterations = {"sd15": 3, "sdxl": 2}[arch]
+    stages = [line for line in lines if line.startswith("iter ")]
+    assert len(stages) == 1 + 3 * iterations and stages[0].startswith("iter 0 DPO (seed)      391 steps x 128 pairs")
+    assert any(line.startswith(f"iter {iterations} self-reward     160,000 images x K=10") for line in lines)
+    assert any(line.startswith("total ") for line in lines)
+
+
+def test_bench_on_tiny_sd15(capsys):
+    lines = run_bench(capsys, "--preset", "tiny-sd15")
+    assert lines[0].startswith("preset tiny-sd15 (weights of the preset) on CPU")
+    check_report(lines, "sd15")
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
+def test_bench_random_weights_path(capsys, monkeypatch, preset):
+    monkeypatch.setattr(bench, "FULL_SIZE", small_architectures())
+    lines = run_bench(capsys, "--preset", preset, "--random-weights")
+    assert lines[0].startswith(f"preset {preset} (random weights, released architecture)")
+    check_report(lines, preset.split("-")[1])
+
+
+def test_estimate_adds_up():
+    rates = dict(train=128.0, gen=8.0, reward=1.0)  # one step, one prompt's images, one image: a second each
+    rows = bench.paper_run_estimate("sdxl", rates, epochs=1)
+    seconds = {stage: s for stage, _, s in rows}
+    assert seconds["iter 0 DPO (seed)"] == 391 and seconds["iter 1 generation"] == 10_000
+    assert seconds["iter 2 self-reward"] == 160_000 and seconds["iter 2 DPO"] == 209  # 20K self + 6,667 human pairs
