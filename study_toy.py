@@ -10,7 +10,8 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
      pairs (the other reading of the paper's mix ratio, see 03_mixup.py), N = 2 and N = 4 (the
      first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
   3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
-     base model, for as many steps as each SAIL stage (about one pass over its pairs; --dpo-all-steps);
+     base model, for as many steps as each SAIL stage (about one pass over its pairs; --dpo-all-steps),
+     and for as many steps as the whole SAIL run (iteration 0 + T iterations);
   4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
      and its win rate against the base; the self-reward's agreement with the oracle on its own
      best-worst pairs and on 128 held-out oracle-labelled pairs (05_eval.py --reward-accuracy):
@@ -57,6 +58,7 @@ MODELS = [  # row order of the table: (folder name in a seed's run, label, which
     ("base", "base model", None), ("iter_00", "iteration 0: DPO on the seed", "seed"),
     ("iter_01", "SAIL iteration 1", "seed"), ("iter_02", "SAIL iteration 2", "seed"),
     ("dpo_all_labels", "DPO on all labels", "all"),
+    ("dpo_all_labels_long", "DPO on all labels, as many steps as SAIL in all", "all"),
     ("ablation_random_pairs", "iteration 1, random pairs", "seed"), ("ablation_no_mixup", "iteration 1, no mixup", "seed"),
     ("ablation_no_mixup_iter2", "iteration 2, no mixup in 1 and 2", "seed"),
     ("ablation_human_share_0.75", "iteration 1, 75% human pairs", "seed"),
@@ -127,8 +129,9 @@ def run_seed(args, seed, cfg):
 
     sh("data: all labels", *py, "toy_world.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
     dpo_steps = args.dpo_all_steps or steps
-    sh("DPO on all labels", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
-       "--out", run / "dpo_all_labels" / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", dpo_steps)
+    for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", steps * (args.iterations + 1))):
+        sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
+           "--out", run / name / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", n_steps)
 
     heldout = write_heldout_pairs(run / "seed", cfg["heldout"], seed)
     sweep_out, iters_out = run / "eval" / "reward_accuracy_draws", run / "eval" / "reward_accuracy_iterations"
@@ -147,6 +150,7 @@ def run_seed(args, seed, cfg):
                 accuracy[f"{path.parent.name}: {r['method']}"] = r["accuracy"]
     stats = json.loads((run / "seed" / "stats.json").read_text())
     return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, data=stats, dpo_all_labels_steps=dpo_steps,
+                dpo_all_labels_long_steps=steps * (args.iterations + 1),
                 steps_per_iteration=steps, heldout_pairs=len(sc.read_jsonl(heldout)), stage_seconds=times)
 
 
@@ -201,7 +205,7 @@ def markdown(summary, per_seed):
              f"Every model drew {first['oracle']['base']['n']} eval images on the same seeds; win rate = share of "
              "those images that beat the base model's image on the same seed (a tie counts half). SAIL and its "
              f"ablations train {first['steps_per_iteration']} steps per iteration; DPO on all labels trains "
-             f"{first['dpo_all_labels_steps']} steps on "
+             f"{first['dpo_all_labels_steps']} steps (the long run {first['dpo_all_labels_long_steps']}) on "
              f"{first['data'].get('all_pairs', {}).get('pairs', '?')} pairs against the seed's "
              f"{first['data']['pairs']['pairs']}.", "",
              "| Model | Labels | Oracle score | vs base | Win rate vs base | Self-reward agrees with oracle |",
@@ -235,7 +239,7 @@ def plot(summary, out_path):
     names = [(n, label) for n, label, _ in MODELS if n != "base" and summary["models"].get(n, {}).get("delta")]
     for y, (name, _) in enumerate(names):
         mean, sd, values = summary["models"][name]["delta"]
-        colour = "tab:blue" if name.startswith("iter_") else "tab:red" if name == "dpo_all_labels" else "tab:gray"
+        colour = "tab:blue" if name.startswith("iter_") else "tab:red" if name.startswith("dpo_all_labels") else "tab:gray"
         left.barh(y, mean, xerr=sd, color=colour, alpha=0.8, capsize=3)
         left.scatter(values, [y] * len(values), color="black", s=10, zorder=3)
     left.set_yticks(range(len(names)), [label for _, label in names])

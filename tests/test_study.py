@@ -17,8 +17,8 @@ def fake_seed(seed, shift):
     oracle["iter_01"]["self_reward_agreement"] = 0.9 + shift
     accuracy = {f"iter_00: self-reward K={k} {c} draws": 0.6 + 0.001 * k + (0.1 if c == "common" else 0) + shift
                 for k in (1, 10, 30) for c in ("common", "own")}
-    return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, steps_per_iteration=300, dpo_all_labels_steps=900,
-                heldout_pairs=128, data=dict(seed_slots=564, universe_slots=9408, pairs=dict(pairs=504),
+    return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, steps_per_iteration=300, dpo_all_labels_steps=300,
+                dpo_all_labels_long_steps=900, heldout_pairs=128, data=dict(seed_slots=564, universe_slots=9408, pairs=dict(pairs=504),
                                              all_pairs=dict(pairs=8400)))
 
 
