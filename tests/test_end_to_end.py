@@ -13,7 +13,8 @@ TINY_DATA = "--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --see
 
 
 def run_all(run_dir, preset, iterations, **overrides):
-    env = dict(os.environ, RUN=str(run_dir), DATA_ARGS=TINY_DATA, N="4", K="2", PYTHON=sys.executable, **overrides)
+    env = {**os.environ, "RUN": str(run_dir), "DATA_ARGS": TINY_DATA, "N": "4", "K": "2", "PYTHON": sys.executable,
+           **overrides}
     done = subprocess.run(["bash", str(ROOT / "run_all.sh"), preset, str(iterations)], env=env, capture_output=True,
                           text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
