@@ -161,7 +161,7 @@ def main(args):
         unet = sc.load_unet(desc, torch.float32).to(device)
     res, pairs, n_img = preset["resolution"], args.pairs or preset["micro_batch"], args.images or preset["gen_batch"]
     unet.train()
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or preset.get("gradient_checkpointing"):  # on for sdxl, as in 04_train.py
         unet.enable_gradient_checkpointing()
     ref = pipe.unet.eval()
     opt = train.make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
