@@ -128,8 +128,8 @@ def run_seed(args, seed, cfg):
                folder / "train_pairs.jsonl", "--out", folder / "ckpt", "--iter", 2, *train_args)
 
     sh("data: all labels", *py, "toy_world.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
-    dpo_steps = args.dpo_all_steps or steps
-    for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", steps * (args.iterations + 1))):
+    dpo_steps, long_steps = args.dpo_all_steps or steps, steps * (args.iterations + 1)
+    for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", long_steps)):
         sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
            "--out", run / name / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", n_steps)
 
@@ -150,7 +150,7 @@ def run_seed(args, seed, cfg):
                 accuracy[f"{path.parent.name}: {r['method']}"] = r["accuracy"]
     stats = json.loads((run / "seed" / "stats.json").read_text())
     return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, data=stats, dpo_all_labels_steps=dpo_steps,
-                dpo_all_labels_long_steps=steps * (args.iterations + 1),
+                dpo_all_labels_long_steps=long_steps,
                 steps_per_iteration=steps, heldout_pairs=len(sc.read_jsonl(heldout)), stage_seconds=times)
 
 
