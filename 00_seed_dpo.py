@@ -13,14 +13,17 @@ Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy_world.py data, prep
 Writes: runs/<run>/iter_00/ckpt/ (unet/, sail.json, train_log.jsonl), iter_00/train.args.json,
         iter_00/log.txt.
 """
-import importlib.util
-from pathlib import Path
+import importlib
 
 import sail_common as sc
 
-_spec = importlib.util.spec_from_file_location("train_stage", Path(__file__).with_name("04_train.py"))
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+train = importlib.import_module("04_train")  # a stage file: its name starts with a digit
+
+
+def build_parser():
+    parser = train.build_parser()
+    parser.description = __doc__
+    return parser
 
 
 def main(args):
@@ -29,6 +32,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = train.build_parser()
-    parser.description = __doc__
-    sc.run_stage(main, parser.parse_args())
+    sc.run_stage(main, build_parser().parse_args())

@@ -15,7 +15,9 @@ are the same as from one process.
 Reads:  the prompt pool ({"prompt_id", "prompt"} per line), the checkpoint and its base model;
         with --run, every pool, seed and eval prompt file of the run (they must be disjoint).
 Writes: <out>/images/<prompt_id>_<index>.png, then <out>/generations.jsonl (one line per image:
-        prompt_id, prompt, index, seed, image path relative to <out>), generate.args.json, log.txt.
+        prompt_id, prompt, index, seed, image path relative to <out>), generate.args.json, log.txt,
+        generate.settings.json (what decides the images: a rerun with other settings stops rather
+        than mix images), generate.<rank>.timing.json.
 """
 import argparse
 import logging
@@ -51,9 +53,9 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        args.ckpt = args.ckpt or str(args.run / f"iter_{args.iter - 1:02d}" / "ckpt")
-        args.pool = args.pool or args.run / "pools" / f"iter_{args.iter:02d}.jsonl"
-        args.out = args.out or args.run / f"iter_{args.iter:02d}"
+        args.ckpt = args.ckpt or str(sc.checkpoint_dir(args.run, args.iter - 1))
+        args.pool = args.pool or sc.pool_path(args.run, args.iter)
+        args.out = args.out or sc.iteration_dir(args.run, args.iter)
     if not (args.ckpt and args.pool and args.out):
         raise sc.SailError("give --run and --iter, or all of --ckpt, --pool and --out")
     return args
@@ -81,9 +83,15 @@ def main(args):
             jobs.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
                              seed=sc.derive_seed(args.seed, row["prompt_id"], k),
                              image=f"images/{sc.image_name(row['prompt_id'], k)}"))
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
+    if state.is_main_process:  # what decides an image; not --gen-batch (round-off of a grey level at most)
+        sc.check_settings(out / "generate.settings.json", dict(
+            model=sc.model_setting(args.ckpt, out),
+            pool=sc.relative_to(args.pool, out), sampler=args.sampler,
+            steps=args.steps, cfg=args.cfg, resolution=args.resolution, mixed_precision=args.mixed_precision,
+            seed=args.seed), f"delete {out / 'images'} and {out / 'generate.settings.json'} to generate anew")
         sc.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
+    state.wait_for_everyone()
+    (out / "images").mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not sc.image_is_complete(out / j["image"])]
     # whole batches go to processes, so every image is made in the same batch as in one process
     batches = [todo[b:b + args.gen_batch] for b in range(0, len(todo), args.gen_batch)][state.process_index::state.num_processes]
@@ -107,8 +115,8 @@ def main(args):
                 sc.save_image_atomic(image, out / job["image"])
             bar.update(len(batch))
         bar.close()
-        log.info("made %d images in %.1f s (%.2f images/s)", len(mine), time.time() - start,
-                 len(mine) / max(1e-9, time.time() - start))
+        timing = sc.save_timing(out, f"generate.{state.process_index}", len(mine), "images", time.time() - start)
+        log.info("made %d images in %.1f s (%.2f images/s)", len(mine), timing["seconds"], timing["rate"])
 
     state.wait_for_everyone()
     if state.is_main_process:

@@ -9,7 +9,9 @@ of (t, noise) by default (the paper's SR1; 20 and 30 are SR2/SR3). By default al
 of a prompt share the same K draws (common random numbers): the comparison between images is
 what matters, and shared draws remove most of its noise; --no-common-draws draws per image.
 Pairs: best vs worst of the N (the paper), or --pairing random (Table 5 ablation); a prompt
-whose chosen images tie (e.g. a model equal to its reference: every reward is 0) gives no pair.
+whose chosen images tie gives no pair: rewards equal within float32 round-off (|r_w - r_l| <=
+beta x 1e-6, e.g. a model equal to its reference, where every reward is 0), or two byte-identical
+image files (which independent draws would otherwise rank by noise alone).
 
 Command (iteration i of a run):
     python 02_self_reward.py --run runs/toy --iter 1
@@ -21,8 +23,10 @@ Reads:  <dir>/generations.jsonl and its images; the checkpoint; the reference (d
         checkpoint's base model).
 Writes: <dir>/rewards.jsonl (one line per image: prompt_id, index, image, reward, reward_se),
         <dir>/pairs.jsonl (prompt, prompt_id, image_w, image_l, source "self", p = sigmoid(r_w - r_l),
-        reward_w, reward_l), self_reward.args.json, log.txt. While running, finished prompts go
-        to rewards.partial.*.jsonl; a killed run continues from there.
+        reward_w, reward_l), self_reward.args.json, log.txt, self_reward.settings.json (what decides
+        a reward: a rerun with other --draws, --beta, --ref, draws or seed stops rather than mix),
+        self_reward.<rank>.timing.json. While running, finished prompts go to
+        rewards.partial.*.jsonl; a killed run continues from there.
 """
 import argparse
 import json
@@ -59,8 +63,8 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        args.ckpt = args.ckpt or str(args.run / f"iter_{args.iter - 1:02d}" / "ckpt")
-        args.dir = args.dir or args.run / f"iter_{args.iter:02d}"
+        args.ckpt = args.ckpt or str(sc.checkpoint_dir(args.run, args.iter - 1))
+        args.dir = args.dir or sc.iteration_dir(args.run, args.iter)
     if not (args.ckpt and args.dir):
         raise sc.SailError("give --run and --iter, or both --ckpt and --dir")
     return args
@@ -77,17 +81,28 @@ def read_finished(folder, per_prompt):
     return {pid: r for pid, r in by_prompt.items() if len(r) == per_prompt.get(pid, -1)}
 
 
-def choose_pair(pid, group, pairing, seed):
-    """(winner, loser) rows of one prompt, or None when their rewards tie."""
+def choose_pair(pid, group, pairing, seed, tolerance=0.0, same_image=lambda a, b: False):
+    """(winner, loser) rows of one prompt, or None when they tie: rewards within `tolerance`, or
+    `same_image(winner, loser)`."""
     if pairing == "best-worst":
         ranked = sorted(group, key=lambda r: (r["reward"], -r["index"]))
         low, high = ranked[0], ranked[-1]
     else:
         a, b = random.Random(sc.derive_seed(seed, "pair", pid)).sample(group, 2)
         low, high = sorted((a, b), key=lambda r: r["reward"])
-    if high["reward"] == low["reward"]:
+    if high["reward"] - low["reward"] <= tolerance or same_image(high, low):
         return None
     return high, low
+
+
+def tie_tolerance(beta):
+    """Rewards closer than this are equal up to round-off: the errors are float32 means of squares
+    (about 1, summed to ~1e-6 relative precision), and the reward scales them by beta / 2."""
+    return beta * 1e-6
+
+
+def same_file_bytes(folder):
+    return lambda a, b: (folder / a["image"]).read_bytes() == (folder / b["image"]).read_bytes()
 
 
 def main(args):
@@ -113,6 +128,12 @@ def main(args):
     if small:
         raise sc.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
     per_prompt = {pid: len(g) for pid, g in groups.items()}
+    if state.is_main_process:  # what decides a reward; not --reward-batch (float round-off at most)
+        sc.check_settings(folder / "self_reward.settings.json", dict(
+            model=sc.model_setting(args.ckpt, folder), reference=sc.model_setting(args.ref, folder),
+            draws=args.draws, common_draws=not args.no_common_draws, beta=args.beta, seed=args.seed,
+            mixed_precision=args.mixed_precision), f"delete {folder}/rewards.partial.*.jsonl and "
+            f"{folder / 'self_reward.settings.json'} to score anew")
     if state.is_main_process:  # keep only whole prompts of a killed run, in one clean file
         finished = read_finished(folder, per_prompt)
         for part in folder.glob("rewards.partial.*.jsonl"):
@@ -135,8 +156,7 @@ def main(args):
         if desc["arch"] == "sdxl":
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
         unet, ref_unet = pipe.unet.eval(), sc.load_unet(ref_desc, dtype).to(device).eval()
-        from diffusers import DDPMScheduler
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        noise_scheduler = sc.forward_process(pipe.scheduler)
         resolution = preset["resolution"]
         start = time.time()
         with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:
@@ -156,10 +176,10 @@ def main(args):
                          for i, r in enumerate(group)]
                 partial.write("".join(json.dumps(x) + "\n" for x in lines))
                 partial.flush()
-        elapsed = time.time() - start
         n_images = sum(len(groups[p]) for p in todo)
-        log.info("scored %d images in %.1f s (%.2f rewards/s, %d UNet passes each)", n_images, elapsed,
-                 n_images / max(elapsed, 1e-9), 2 * args.draws)
+        timing = sc.save_timing(folder, f"self_reward.{state.process_index}", n_images, "images", time.time() - start)
+        log.info("scored %d images in %.1f s (%.2f rewards/s, %d UNet passes each)", n_images, timing["seconds"],
+                 timing["rate"], 2 * args.draws)
 
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -171,7 +191,8 @@ def main(args):
     rewards = [scored[r["prompt_id"]][r["index"]] for r in gens]
     pairs, ties, filtered = [], 0, 0
     for pid, group in groups.items():
-        chosen = choose_pair(pid, [scored[pid][r["index"]] for r in group], args.pairing, args.seed)
+        chosen = choose_pair(pid, [scored[pid][r["index"]] for r in group], args.pairing, args.seed,
+                             tie_tolerance(args.beta), same_file_bytes(folder))
         if chosen is None:
             ties += 1
             continue

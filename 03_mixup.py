@@ -49,9 +49,9 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        folder = args.run / f"iter_{args.iter:02d}"
+        folder = sc.iteration_dir(args.run, args.iter)
         args.self_pairs = args.self_pairs or folder / "pairs.jsonl"
-        args.human_pairs = args.human_pairs or args.run / "seed" / "pairs.jsonl"
+        args.human_pairs = args.human_pairs or sc.seed_pairs_path(args.run)
         args.out = args.out or folder / "train_pairs.jsonl"
     if not (args.self_pairs and args.out and (args.human_pairs or args.human_share == 0)):
         raise sc.SailError("give --run and --iter, or --self-pairs, --human-pairs and --out")

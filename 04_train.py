@@ -24,8 +24,9 @@ Writes: <out>/unet/ (diffusers safetensors), <out>/sail.json (where it came from
         <out>/train_log.jsonl; with --lora-rank also <out>/lora/, the adapter alone, for a
         pipeline of the start model (`pipe.load_lora_weights("<out>/lora")`); train.args.json
         and log.txt beside <out>. While it runs, <out>.partial/ holds resumable state every
-        --save-every steps; a killed run continues from there when rerun (--restart discards
-        it). A finished <out> is never overwritten.
+        --save-every steps and the settings that decide the weights; a killed run continues from
+        there when rerun with the same settings (other ones stop it; --restart discards the state).
+        A finished <out> is never overwritten.
 
 Learning rate: DiffusionDPO's scaled rule, lr = 1e-8 per pair x effective batch (128 -> 1.28e-6).
 """
@@ -40,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import sail_common as sc
 from dpo_loss import dpo_loss
@@ -90,32 +92,68 @@ def resolve_paths(args):
         it = args.iter
         if it == 0 and not (args.init or args.preset):
             raise sc.SailError("iteration 0 starts from a base model: give --preset (or --init)")
-        args.init = args.init or (args.preset if it == 0 else str(args.run / f"iter_{it - 1:02d}" / "ckpt"))
-        args.pairs = args.pairs or (args.run / "seed" / "pairs.jsonl" if it == 0 else args.run / f"iter_{it:02d}" / "train_pairs.jsonl")
-        args.out = args.out or args.run / f"iter_{it:02d}" / "ckpt"
+        args.init = args.init or (args.preset if it == 0 else str(sc.checkpoint_dir(args.run, it - 1)))
+        args.pairs = args.pairs or (sc.seed_pairs_path(args.run) if it == 0 else sc.iteration_dir(args.run, it) / "train_pairs.jsonl")
+        args.out = args.out or sc.checkpoint_dir(args.run, it)
     if not (args.init and args.pairs and args.out):
         raise sc.SailError("give --run and --iter, or all of --init, --pairs and --out")
     return args
 
 
 def load_pair_pixels(row, resolution, seed, random_crop, flip):
-    """Both images of a pair, resized to the shorter side, with the same crop and flip."""
+    """Both images of a pair, each transformed on its own as DiffusionDPO's training transform does
+    (torchvision Resize on the short side, bilinear; CenterCrop or RandomCrop; RandomHorizontalFlip):
+    images of one pair may differ in size and aspect ratio (Pick-a-Pic pairs come from different models)."""
     rng = random.Random(sc.derive_seed(seed, "augment", row["_index"]))
-    images = []
+    out = []
     for side in ("_image_w", "_image_l"):
         img = sc.load_image(row[side], where=f"{row['_file']}:{row['_line']}")
-        scale = resolution / min(img.size)
-        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))))
-        images.append(img)
-    w, h = images[0].size
-    left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
-    top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
-    do_flip = flip and rng.random() < 0.5
-    out = []
-    for img in images:
-        img = img.resize((w, h)).crop((left, top, left + resolution, top + resolution))
-        out.append(img.transpose(0) if do_flip else img)  # 0 = FLIP_LEFT_RIGHT
+        img = resize_short_side(img, resolution)
+        w, h = img.size
+        if random_crop:
+            left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+        else:  # torchvision's CenterCrop rounds, it does not floor
+            left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+        img = img.crop((left, top, left + resolution, top + resolution))
+        out.append(img.transpose(Image.FLIP_LEFT_RIGHT) if flip and rng.random() < 0.5 else img)
     return out
+
+
+def resize_short_side(img, size):
+    """torchvision's Resize(size) on a PIL image: short side to size, long side truncated, PIL bilinear
+    (antialiased). Written out so the kit does not need torchvision for this one call."""
+    w, h = img.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return img if new == (w, h) else img.resize(new, Image.BILINEAR)
+
+
+def dpo_micro_batch(unet, ref_unet, noise_scheduler, latents, noise, t, cond, resolution, beta, ref_dtype=torch.float32,
+                    lora_reference=False):
+    """DiffusionDPO's loss on one micro-batch of B pairs. latents: (2B, ...) all preferred first, then all
+    dispreferred; noise (B, ...) and t (B,): one draw per pair, shared by its two images; cond: the text
+    conditioning of the B prompts (sc.encode_prompts). ref_unet runs without gradients; with
+    lora_reference it is the trained UNet itself, with its adapter switched off."""
+    noise, t = noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    target = sc.prediction_target(noise_scheduler, latents, noise, t)
+    cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+    with torch.no_grad(), adapters_off(ref_unet) if lora_reference else contextlib.nullcontext():
+        ref_pred = sc.unet_call(ref_unet, noisy.to(ref_dtype), t, {k: v.to(ref_dtype) for k, v in cond.items()}, resolution)
+    model_pred = sc.unet_call(unet, noisy, t, {k: v.float() for k, v in cond.items()}, resolution)
+    return dpo_loss(model_pred, ref_pred, target, beta)
+
+
+def training_settings(args, total_steps, folder):
+    """What decides the trained weights, recorded with a killed run's state: a resume with other values
+    would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
+    and round-off only), so a run killed for memory can resume with a smaller micro batch."""
+    names = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
+             "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
+    return dict({name: getattr(args, name) for name in names}, steps=total_steps,
+                init=sc.model_setting(args.init, folder), pairs=sc.relative_to(args.pairs, folder))
 
 
 def make_optimizer(name, params, lr, weight_decay):
@@ -224,23 +262,24 @@ def main(args):
     optimizer = make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr, args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
-    noise_scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    noise_scheduler = sc.forward_process(pipe.scheduler)
 
     start_step = 0
     if partial.exists() and args.restart and accelerator.is_main_process:
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
+    settings = training_settings(args, total_steps, out.parent)
     if (partial / "progress.json").is_file():
-        progress = json.loads((partial / "progress.json").read_text())
-        if progress.get("lora_rank", 0) != args.lora_rank:
-            raise sc.SailError(f"{partial} was saved with --lora-rank {progress.get('lora_rank', 0)}, not {args.lora_rank}: "
-                               f"rerun with that, or add --restart to discard it")
-        start_step = progress["step"]
+        if not (partial / "settings.json").is_file():
+            raise sc.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
+        sc.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        start_step = json.loads((partial / "progress.json").read_text())["step"]
         accelerator.load_state(str(partial / "state"))
         log.info("resuming from %s at step %d", partial, start_step)
     elif accelerator.is_main_process:
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "train_log.jsonl").write_text("")
+        sc.check_settings(partial / "settings.json", settings, "add --restart to discard it")
     if accelerator.is_main_process:
         sc.save_args(out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(pairs))
     counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
@@ -266,7 +305,7 @@ def main(args):
             latent_cache.clear()
         return torch.cat([batch[:, 0], batch[:, 1]]).float()  # all preferred first, then all dispreferred
 
-    timer, window = time.time(), []
+    timer, window, loop_start = time.time(), [], time.time()
     for step in sc.progress(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train"):
         step_rows = [pairs[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         mine = step_rows[accelerator.process_index::accelerator.num_processes]
@@ -278,19 +317,13 @@ def main(args):
             latents = pair_latents(rows)
             # noise and timestep depend on (step, pair) only: the same for any number of processes
             gens = [torch.Generator().manual_seed(sc.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
-            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device).repeat(2, 1, 1, 1)
+            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device)
             t = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
-            t = t.to(device).repeat(2)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            target = sc.prediction_target(noise_scheduler, latents, noise, t)
             cond = sc.encode_prompts(pipe, prompts, device)
-            cond = {k: torch.cat([v, v]) for k, v in cond.items()}
             last = m + micro >= len(mine)
             with accelerator.autocast(), (contextlib.nullcontext() if last else accelerator.no_sync(unet)):
-                with torch.no_grad(), (adapters_off(ref_unet) if args.lora_rank else contextlib.nullcontext()):
-                    ref_pred = sc.unet_call(ref_unet, noisy.to(ref_dtype), t, {k: v.to(ref_dtype) for k, v in cond.items()}, args.resolution)
-                model_pred = sc.unet_call(unet, noisy, t, {k: v.float() for k, v in cond.items()}, args.resolution)
-                result = dpo_loss(model_pred, ref_pred, target, args.beta)
+                result = dpo_micro_batch(unet, ref_unet, noise_scheduler, latents, noise, t.to(device), cond,
+                                         args.resolution, args.beta, ref_dtype, lora_reference=bool(args.lora_rank))
                 accelerator.backward(result.loss * len(rows) / len(mine))
             stats.append([x.item() * len(rows) for x in result[:3]])
         finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
@@ -321,10 +354,11 @@ def main(args):
             if accelerator.is_main_process:
                 shutil.rmtree(partial / "state", ignore_errors=True)
                 tmp_state.rename(partial / "state")
-                sc.write_json_atomic(partial / "progress.json", {"step": step + 1, "lora_rank": args.lora_rank})
+                sc.write_json_atomic(partial / "progress.json", {"step": step + 1})
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        sc.save_timing(out.parent, "train", (total_steps - start_step) * args.batch_size, "pairs", time.time() - loop_start)
         info = dict(base_model=init["base_model"], arch=init["arch"], preset=args.preset or init["preset"],
                     parent=init["ckpt"] or init["base_model"], iteration=args.iter if args.iter is not None else 0 if init["iteration"] is None else init["iteration"] + 1,
                     pairs=str(args.pairs), pair_counts=counts, steps=total_steps, effective_batch=args.batch_size, lr=args.lr,

@@ -25,7 +25,6 @@ Rerun: finished images, scores and reward accuracies are reused; other generatio
 import argparse
 import gc
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,8 @@ from PIL import Image
 
 import scorers
 from sail_common import (PRESETS, SailError, derive_seed, describe_model, encode_images, encode_prompts, folder_lock,
-                         image_is_complete, image_name, inference_dtype, load_image, load_pipeline, load_unet, log, pick_device,
+                         image_is_complete, image_name, inference_dtype, iteration_checkpoints, iteration_name,
+                         iteration_number, load_image, load_pipeline, load_unet, log, pick_device,
                          progress, read_checkpoint_info, read_jsonl, read_pairs, run_stage, save_args,
                          save_image_atomic, self_rewards, setup_logging, strip_private, write_json_atomic,
                          write_jsonl_atomic)
@@ -79,12 +79,12 @@ def read_benchmark(spec, run=None):
 
 
 def resolve_checkpoints(args):
-    """--ckpt values, or with --run alone the run's base model and every finished iter_*/ckpt -> {name: desc}."""
+    """--ckpt values, or with --run alone the run's base model and every finished iteration checkpoint -> {name: desc}."""
     specs = list(args.ckpt or [])
     if args.run and not specs:
-        found = sorted(p for p in Path(args.run).glob("iter_*/ckpt") if (p / "sail.json").is_file())
+        found = iteration_checkpoints(args.run)
         if not found:
-            raise SailError(f"{args.run}: no finished iter_*/ckpt checkpoint to evaluate")
+            raise SailError(f"{args.run}: no finished iteration checkpoint (iter_XX/ckpt) to evaluate")
         info = read_checkpoint_info(found[0])
         specs = [info.get("preset") or info["base_model"]] + [str(p) for p in found]
     if not specs:
@@ -93,7 +93,7 @@ def resolve_checkpoints(args):
     for spec in specs:
         desc = describe_model(spec)
         folder = Path(desc["ckpt"] or ".")
-        name = (f"iter_{int(desc['iteration']):02d}" if desc["iteration"] is not None else "base" if not desc["ckpt"]
+        name = (iteration_name(int(desc["iteration"])) if desc["iteration"] is not None else "base" if not desc["ckpt"]
                 else folder.parent.name if folder.name == "ckpt" else folder.name)
         if name in ckpts:
             raise SailError(f"two checkpoints are both named {name}: {spec} and {ckpts[name]['ckpt'] or 'the base'}")
@@ -106,7 +106,8 @@ def preset_of(desc):
 
 
 def model_order(name):
-    return (0, -1, name) if name == "base" else (1, int(name[5:]), name) if re.fullmatch(r"iter_\d+", name) else (2, 0, name)
+    number = iteration_number(name)
+    return (0, -1, name) if name == "base" else (1, number, name) if number is not None else (2, 0, name)
 
 
 def generate(desc, bench_dir, rows, settings, gen_batch, device, pipe_cache):
@@ -153,8 +154,8 @@ def score(scorer, metric, bench_dir, rows, settings, chunk=256):
     for start in progress(range(0, len(todo), chunk), desc=metric):
         part = todo[start:start + chunk]
         prompts = [row["prompt"] for row in part for _ in row["images"]]
-        images = [load_image(bench_dir / p, where=str(bench_dir)) for row in part for p in row["images"]]
-        values = scorer(prompts, images)
+        paths = [bench_dir / p for row in part for p in row["images"]]
+        values = scorer(prompts, [load_image(p, where=str(bench_dir)) for p in paths], names=paths)  # NaN: an error naming it
         for i, row in enumerate(part):
             row["scores"][metric] = values[i * k:(i + 1) * k]
     write_jsonl_atomic(bench_dir / "scores.jsonl", table.values())
@@ -240,8 +241,8 @@ def reward_accuracy(args, ckpts, out, device):
                if json.loads(p.read_text())["setting"] == setting}
     for metric in args.metrics or []:  # the external scorers of Figure 5 on the same pairs
         scorer = scorers.load_scorer(metric, device, dict(args.scorer_path).get(metric), args.score_batch)
-        margins = [np.subtract(*scorer([p["prompt"]] * 2, [load_image(p["_image_w"]), load_image(p["_image_l"])]))
-                   for p in progress(pairs, desc=metric)]
+        margins = [np.subtract(*scorer([p["prompt"]] * 2, [load_image(p["_image_w"]), load_image(p["_image_l"])],
+                                       names=[p["_image_w"], p["_image_l"]])) for p in progress(pairs, desc=metric)]
         results.setdefault("scorers", []).append(dict(method=metric, **scorers.pair_accuracy(margins, args.bootstrap)))
     table = scorers.accuracy_table(f"Accuracy on {len(pairs)} human pairs of {args.reward_accuracy}", results)
     scorers.write_text_atomic(out / "reward_accuracy.md", table)

@@ -23,7 +23,7 @@ Timings are printed, never asserted; run on an otherwise idle machine.
 """
 import argparse
 import copy
-import importlib.util
+import importlib
 import math
 import resource
 import tempfile
@@ -32,38 +32,16 @@ from pathlib import Path
 
 import torch
 
+import model_configs
 import sail_common as sc
-from dpo_loss import dpo_loss, per_sample_error
+from dpo_loss import per_sample_error
 
-_spec = importlib.util.spec_from_file_location("train_stage", Path(__file__).with_name("04_train.py"))
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+train = importlib.import_module("04_train")  # a stage file: its name starts with a digit
 
-# The released architectures (unet/, vae/, text_encoder/, text_encoder_2/ config.json of
-# stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0). Parameters: SD1.5 UNet 859,520,964,
+# The released architectures come from model_configs.py. Parameters: SD1.5 UNet 859,520,964,
 # SDXL UNet 2,567,463,684, VAE 83,653,863, CLIP ViT-L/14 text 123,060,480, OpenCLIP ViT-bigG/14
 # text with projection 694,659,840 (tests/test_bench.py checks them).
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768, hidden_act="quick_gelu")
-OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                     projection_dim=1280, hidden_act="gelu")
-VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-FULL_SIZE = {
-    "sd15": dict(unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                           down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                           up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                           cross_attention_dim=768, sample_size=64),
-                 vae=dict(VAE, sample_size=512, scaling_factor=0.18215), text=[CLIP_L]),
-    "sdxl": dict(unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-                           attention_head_dim=(5, 10, 20),  # diffusers' name for the number of heads (64 channels each)
-                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                           cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-                           projection_class_embeddings_input_dim=2816, use_linear_projection=True, sample_size=128),
-                 vae=dict(VAE, sample_size=1024, scaling_factor=0.13025), text=[CLIP_L, OPENCLIP_BIGG]),
-}
-CLIP_VOCAB = 49408
+architecture = model_configs.released_configs  # arch -> configs; the tests swap in smaller ones
 
 # The paper's runs (section 5.1): seed DPO on 50K human pairs, then one pool of prompts per
 # iteration, N = 8 images each, K = 10 reward draws, 25% human pairs in each training mix.
@@ -71,38 +49,35 @@ PAPER_RUNS = {"sd15": [10_000, 20_000, 20_000], "sdxl": [10_000, 20_000]}
 SEED_PAIRS, N_IMAGES, DRAWS, HUMAN_SHARE = 50_000, 8, 10, 0.25
 
 
-def full_size_models(arch, bos_token_id=49406, eos_token_id=49407):
+def full_size_models(arch):
     """UNet, VAE and text encoder(s) of the released architecture, randomly initialised where
     torch puts new tensors (a `with torch.device(...)` block, or accelerate.init_empty_weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    cfg = FULL_SIZE[arch]
-    encoders = []
-    for i, text in enumerate(cfg["text"]):
-        config = CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=77, bos_token_id=bos_token_id,
-                                eos_token_id=eos_token_id, pad_token_id=eos_token_id, **text)
-        encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))  # SDXL's second one projects
+    cfg = architecture(arch)
+    encoders = [(CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(CLIPTextConfig(**text))  # SDXL's second projects
+                for i, text in enumerate(cfg["text"])]
     return UNet2DConditionModel(**cfg["unet"]), AutoencoderKL(**cfg["vae"]), encoders
 
 
 def random_weights_pipeline(arch, device, dtype, sampler):
     """A pipeline of the released architecture with random weights, made on the device, and a
-    float32 copy of its UNet to train; the tokenizer is the kit's byte-level one."""
+    float32 copy of its UNet to train; the tokenizer is the kit's byte-level one (its
+    <|endoftext|> is the highest id, as in CLIP's vocabulary, where the text encoders pool)."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
     with tempfile.TemporaryDirectory() as folder:
-        vocab_size = sc.write_byte_tokenizer(Path(folder))
-        tokenizer = CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", model_max_length=77)
+        sc.write_byte_tokenizer(Path(folder))
+        tokenizers = [CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", **t)
+                      for t in model_configs.TOKENIZERS[arch]]
     torch.manual_seed(0)
     with torch.device(device):
-        unet, vae, encoders = full_size_models(arch, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
-    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-    scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler].from_config(ddim.config)
-    frozen = dict(vae=vae.to(dtype), unet=copy.deepcopy(unet).to(dtype), tokenizer=tokenizer, scheduler=scheduler)
+        unet, vae, encoders = full_size_models(arch)
+    scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler].from_config(model_configs.SCHEDULERS[arch])
+    frozen = dict(vae=vae.to(dtype), unet=copy.deepcopy(unet).to(dtype), tokenizer=tokenizers[0], scheduler=scheduler)
     if arch == "sdxl":
         pipe = StableDiffusionXLPipeline(text_encoder=encoders[0].to(dtype), text_encoder_2=encoders[1].to(dtype),
-                                         tokenizer_2=tokenizer, **frozen)
+                                         tokenizer_2=tokenizers[1], **frozen)
     else:
         pipe = StableDiffusionPipeline(text_encoder=encoders[0].to(dtype), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False, **frozen)
@@ -167,19 +142,17 @@ def main(args):
     opt = train.make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
     pixels = torch.rand(2 * pairs, 3, res, res, device=device) * 2 - 1
     cond = sc.encode_prompts(pipe, ["a red square on the left"] * pairs, device)
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
     with torch.no_grad():
         cached = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
     t = torch.randint(0, 1000, (pairs,), device=device)
     noise = torch.randn_like(cached[:pairs])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def ours():
-        x = pipe.scheduler.add_noise(cached.float(), noise.repeat(2, 1, 1, 1), t.repeat(2))
+    noise_scheduler = sc.forward_process(pipe.scheduler)
+
+    def ours():  # the micro-batch step 04_train.py runs
         with autocast:
-            with torch.no_grad():
-                ref_pred = sc.unet_call(ref, x.to(dtype), t.repeat(2), {k: v.to(dtype) for k, v in cond2.items()}, res)
-            loss = dpo_loss(sc.unet_call(unet, x, t.repeat(2), cond2, res), ref_pred, noise.repeat(2, 1, 1, 1)).loss
+            loss = train.dpo_micro_batch(unet, ref, noise_scheduler, cached.float(), noise, t, cond, res, 5000.0, dtype).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -189,7 +162,7 @@ def main(args):
             lat = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
         errs = []
         for half in (lat[:pairs], lat[pairs:]):
-            x = pipe.scheduler.add_noise(half.float(), noise, t)
+            x = noise_scheduler.add_noise(half.float(), noise, t)
             with autocast:
                 with torch.no_grad():
                     ref_err = per_sample_error(sc.unet_call(ref, x.to(dtype), t, {k: v.to(dtype) for k, v in cond.items()}, res), noise)
@@ -229,7 +202,7 @@ def main(args):
                 for k in range(DRAWS):
                     c = sc.encode_prompts(pipe, ["a red square on the left"], device)
                     tk = torch.randint(0, 1000, (1,), device=device)
-                    x = pipe.scheduler.add_noise(lat[i:i + 1].to(dtype), noise[:1].to(dtype), tk)
+                    x = noise_scheduler.add_noise(lat[i:i + 1].to(dtype), noise[:1].to(dtype), tk)
                     per_sample_error(sc.unet_call(scored, x, tk, c, res), noise[:1])
                     per_sample_error(sc.unet_call(ref, x, tk, c, res), noise[:1])
         measure(f"self-reward (K={DRAWS})", "rewards/s", lat.shape[0],

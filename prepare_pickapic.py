@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sail_common import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, progress, read_jsonl,
-                         run_stage, save_args, setup_logging, write_json_atomic, write_jsonl_atomic)
+from sail_common import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, pool_paths,
+                         progress, read_jsonl, run_stage, save_args, seed_pairs_path, setup_logging, write_json_atomic,
+                         write_jsonl_atomic)
 
 NEEDED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 OTHER_SPLITS = ("validation", "validation_unique", "test", "test_unique")
@@ -270,7 +271,7 @@ def check_run_folder(run, settings, outputs):
     """True when this very import is complete; refuses a folder holding another import or foreign files."""
     plan = run / "seed" / "plan.json"
     if not plan.is_file():
-        found = [str(p) for p in (run / "seed/pairs.jsonl", run / "val/pairs.jsonl", *run.glob("pools/iter_*.jsonl"))
+        found = [str(p) for p in (seed_pairs_path(run), run / "val/pairs.jsonl", *pool_paths(run))
                  if p.exists()]
         if found:
             raise SailError(f"{', '.join(found)} exist(s) but were not written by this importer (no {plan}); not overwriting")
@@ -310,7 +311,7 @@ def main(args):
                     seed_size=str(args.seed_size), seed_sampling=args.seed_sampling, pool_sizes=pool_sizes,
                     prompt_file=file_ids([args.prompt_file] if args.prompt_file else []), val_pairs=args.val_pairs,
                     exclude_prompts=file_ids(excludes))
-    pools = [run / "pools" / f"iter_{i:02d}.jsonl" for i in range(1, len(pool_sizes) + 1)]
+    pools = [pool_path(run, i) for i in range(1, len(pool_sizes) + 1)]
     outputs = [run / "seed" / "pairs.jsonl"] + pools + ([run / "val" / "pairs.jsonl"] if args.val_pairs else [])
     if check_run_folder(run, settings, outputs):
         check_pools_disjoint(run)  # also against an eval/prompts.jsonl written since

@@ -8,6 +8,7 @@
 #   bash run_all.sh sd15 3         # the paper's SD1.5 run (CUDA; data from prepare_pickapic.py)
 #   bash run_all.sh sdxl 2         # the paper's SDXL run
 #   bash run_all.sh tiny-sd15 2    # random-weight tiny models: a smoke test of the plumbing
+#   bash run_all.sh sdxl 2 --check # first: a few minutes of every stage on the real models (preflight.py)
 #
 # Environment overrides:
 #   RUN=runs/<preset>   run folder          N=8            candidates per prompt
@@ -23,6 +24,9 @@ PRESET=${1:?usage: bash run_all.sh PRESET ITERATIONS   (presets: toy sd15 sdxl t
 T=${2:?usage: bash run_all.sh PRESET ITERATIONS}
 KIT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PY=${PYTHON:-python}
+if [[ "${3:-}" == "--check" ]]; then
+  exec $PY "$KIT/preflight.py" --preset "$PRESET"
+fi
 LAUNCH=${LAUNCH:-$PY}
 RUN=${RUN:-runs/$PRESET}
 N=${N:-8}

@@ -5,8 +5,8 @@ Nothing here runs on its own except `python sail_common.py check-pools RUN_DIR`,
 refuses (exit 2) when the prompt pools of a run overlap each other or the seed prompts.
 """
 import contextlib
+import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -59,12 +59,14 @@ PRESETS = {
                  arch="sdxl", resolution=1024, sampler="ddim", steps=20, cfg=5.0, optimizer="adafactor",
                  mixed_precision="bf16", gen_batch=8, reward_batch=16, micro_batch=2, batch_size=128, epochs=1,
                  gradient_checkpointing=True),  # as DiffusionDPO's SDXL training
+    # tiny-*: the plumbing on random weights; lr 1e-4 so that two steps move the self-reward above
+    # round-off (ties give no pair)
     "tiny-sd15": dict(model="tiny:sd15", arch="sd15", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adamw", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
-                      max_steps=2, batch_size=8),
+                      max_steps=2, batch_size=8, lr=1e-4),
     "tiny-sdxl": dict(model="tiny:sdxl", arch="sdxl", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adafactor", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
-                      max_steps=2, batch_size=8),
+                      max_steps=2, batch_size=8, lr=1e-4),
     # The CPU toy world (toy_world.py): a briefly pretrained small model of the SD1.5 architecture.
     "toy": dict(model="toy", arch="sd15", resolution=32, sampler="ddim", steps=20, cfg=1.0, flip=False,
                 optimizer="adamw", mixed_precision="no", gen_batch=64, reward_batch=160, micro_batch=32,
@@ -140,6 +142,43 @@ def save_args(out_dir, stage, args, **extra):
     info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     info.update(extra, _host=socket.gethostname(), _time=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json_atomic(Path(out_dir) / f"{stage}.args.json", info)
+
+
+def save_timing(out_dir, stage, count, unit, seconds):
+    """Write <out_dir>/<stage>.timing.json: the work done after the models were loaded, its time and
+    rate, and the process's peak memory (GPU where there is one, else resident RAM)."""
+    info = dict(count=count, unit=unit, seconds=round(seconds, 3), rate=round(count / max(seconds, 1e-9), 4))
+    if torch.cuda.is_available():
+        info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    import resource
+    info["peak_ram_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    write_json_atomic(Path(out_dir) / f"{stage}.timing.json", info)
+    return info
+
+
+def model_setting(spec, folder):
+    """A model as a recorded setting: a path relative to `folder` where it is a folder (so a moved run
+    folder still matches), else its name (a preset or hub id)."""
+    return relative_to(spec, folder) if Path(spec).exists() else str(spec)
+
+
+def check_settings(path, settings, start_over):
+    """Settings are part of what is finished. `path` records the settings that decide a stage's
+    outputs the first time it writes any; a rerun that would continue that work with other settings
+    stops, naming each setting that differs, its old and new value, and `start_over` (how to begin
+    afresh)."""
+    path = Path(path)
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        differ = [key for key in sorted(set(old) | set(settings)) if old.get(key) != settings.get(key)]
+        if differ:
+            was = ", ".join(f"{key} = {old.get(key)!r}" for key in differ)
+            now = ", ".join(f"{key} = {settings.get(key)!r}" for key in differ)
+            raise SailError(f"{path.parent} holds work made with {was}, and this run has {now}: "
+                            f"rerun with the former to continue, or {start_over}")
+    else:
+        write_json_atomic(path, settings)
 
 
 def progress(iterable=None, **kwargs):
@@ -248,6 +287,48 @@ def image_is_complete(path):
         return False
 
 
+# ---------------------------------------------------------------- the run folder
+# The on-disk contract between the stages: the only place in the code that spells its names
+# (run_all.sh states the pool file's name once more).
+ITERATION_PREFIX = "iter_"
+
+
+def iteration_name(i):
+    return f"{ITERATION_PREFIX}{i:02d}"
+
+
+def iteration_dir(run, i):
+    """runs/<run>/iter_XX: an iteration's candidates, rewards, pairs and checkpoint."""
+    return Path(run) / iteration_name(i)
+
+
+def checkpoint_dir(run, i):
+    return iteration_dir(run, i) / "ckpt"
+
+
+def pool_path(run, i):
+    return Path(run) / "pools" / f"{iteration_name(i)}.jsonl"
+
+
+def seed_pairs_path(run):
+    return Path(run) / "seed" / "pairs.jsonl"
+
+
+def pool_paths(run):
+    return sorted((Path(run) / "pools").glob(f"{ITERATION_PREFIX}*.jsonl"))
+
+
+def iteration_checkpoints(run):
+    """The finished checkpoints of a run's iterations, in order."""
+    return sorted(p for p in Path(run).glob(f"{ITERATION_PREFIX}*/ckpt") if (p / "sail.json").is_file())
+
+
+def iteration_number(name):
+    """iter_XX -> XX; None for any other name."""
+    match = re.fullmatch(rf"{ITERATION_PREFIX}(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
 # ---------------------------------------------------------------- pairs and prompts
 PAIR_FIELDS = ("prompt", "image_w", "image_l", "source")
 PAIR_TYPES = {"prompt": str, "image_w": str, "image_l": str, "source": str, "p": (int, float),
@@ -308,9 +389,9 @@ def check_pools_disjoint(run_dir):
     with the evaluation prompts of the run (eval/prompts.jsonl). Raises naming the overlap."""
     run_dir = Path(run_dir)
     sets = {}
-    for pool in sorted((run_dir / "pools").glob("iter_*.jsonl")):
+    for pool in pool_paths(run_dir):
         sets[str(pool)] = {normalise_prompt(r["prompt"]) for r in read_prompts(pool)}
-    seed = run_dir / "seed" / "pairs.jsonl"
+    seed = seed_pairs_path(run_dir)
     if seed.is_file():
         sets[str(seed)] = {normalise_prompt(r["prompt"]) for r in read_jsonl(seed, required=("prompt",))}
     evals = run_dir / "eval" / "prompts.jsonl"
@@ -344,44 +425,26 @@ def check_free_space(folder, need_bytes, what):
 @contextlib.contextmanager
 def folder_lock(folder, stage, wait=False):
     """Refuse a second stage writing into the same folder at once (with wait=True, wait for it
-    instead). A lock left by a killed process (its pid is gone on this host) is taken over."""
+    instead). The lock is the kernel's (flock on <folder>/.lock), not the file's existence: it ends
+    with its process, killed or not, so there is no stale lock that two processes could take over."""
     if os.environ.get("RANK", "0") != "0":  # only the main process of a multi-process launch locks
         yield
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
-    me = f"{socket.gethostname()} {os.getpid()} {stage}"
-    for attempt in itertools.count():
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, me.encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            holder = lock.read_text().split() if lock.exists() else []
-            if len(holder) >= 2 and holder[0] == socket.gethostname() and not _pid_alive(int(holder[1])):
-                lock.unlink(missing_ok=True)
-                continue
-            if wait or (attempt == 0 and not holder):  # no holder yet: it is being written this instant
-                time.sleep(2 if wait else 0.1)
-                continue
-            raise SailError(f"{folder} is locked by another stage ({' '.join(holder)}); "
-                            f"wait for it, or delete {lock} if that process is gone") from None
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read_text().strip() or "a process starting this instant"
+            raise SailError(f"{folder} is locked by another stage ({holder}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()} {stage}".encode())
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- tiny models (tests, CPU runs)
@@ -406,41 +469,33 @@ def write_byte_tokenizer(folder):
 
 
 def build_tiny_pipeline(arch, out_dir, seed=0):
-    """Save a randomly initialised pipeline of the real SD1.5 or SDXL architecture, small enough
-    for a CPU, to out_dir (diffusers layout). Same seed, same weights."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    """Save a randomly initialised pipeline of the released SD1.5 or SDXL (model_configs.py), small
+    enough for a CPU, to out_dir (diffusers layout): only widths, depths and the vocabulary shrink;
+    scheduler, activations, VAE scaling factor, token ids and time-id layout are the released ones.
+    Same seed, same weights."""
+    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    import model_configs
 
+    if arch not in model_configs.SCHEDULERS:
+        raise SailError(f"unknown architecture '{arch}' (sd15 or sdxl)")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")  # several processes may build it at once
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
     vocab_size = write_byte_tokenizer(tmp / "_tok")
-    tokenizer = CLIPTokenizer(str(tmp / "_tok" / "vocab.json"), str(tmp / "_tok" / "merges.txt"), model_max_length=77)
-    text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                    pad_token_id=vocab_size - 1, projection_dim=32, max_position_embeddings=77)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    unet_cfg = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                    norm_num_groups=8, attention_head_dim=4)
-    if arch == "sd15":
-        unet = UNet2DConditionModel(cross_attention_dim=32, **unet_cfg)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)), tokenizer=tokenizer,
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    elif arch == "sdxl":
-        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                                    projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **unet_cfg)
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
-                                         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)),
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    cfg = model_configs.tiny_configs(arch, vocab_size)
+    tokenizers = [CLIPTokenizer(str(tmp / "_tok" / "vocab.json"), str(tmp / "_tok" / "merges.txt"), **t)
+                  for t in cfg["tokenizers"]]
+    parts = dict(vae=diffusers.AutoencoderKL(**cfg["vae"]), unet=diffusers.UNet2DConditionModel(**cfg["unet"]),
+                 scheduler=getattr(diffusers, cfg["scheduler"]["_class_name"]).from_config(cfg["scheduler"]),
+                 text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text"][0])), tokenizer=tokenizers[0])
+    if arch == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text"][1])),
+                                                   tokenizer_2=tokenizers[1], **parts)
     else:
-        raise SailError(f"unknown architecture '{arch}' (sd15 or sdxl)")
+        pipe = diffusers.StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                                 **parts)
     pipe.save_pretrained(tmp)
     shutil.rmtree(tmp / "_tok")
     if out_dir.exists() and not (out_dir / "model_index.json").is_file():
@@ -594,11 +649,23 @@ def prediction_target(scheduler, latents, noise, timesteps):
     return noise
 
 
+def forward_process(scheduler):
+    """The noising used by every loss and reward: DDPM's forward process, sqrt(abar_t) x0 +
+    sqrt(1 - abar_t) eps, built from the model's scheduler config whatever sampler the folder ships.
+    (SDXL ships EulerDiscreteScheduler, whose add_noise is x0 + sigma_t eps: the sampler's scaling,
+    not the training distribution. DiffusionDPO and the diffusers scripts noise with DDPM too.)"""
+    from diffusers import DDPMScheduler
+    if type(scheduler) is DDPMScheduler:
+        return scheduler
+    return DDPMScheduler.from_config(scheduler.config)
+
+
 @torch.no_grad()
 def encode_images(vae, images, device, sample_generator=None):
     """PIL images -> scaled VAE latents (the posterior mean, or a sample with a generator)."""
-    arr = np.stack([np.asarray(img, dtype=np.float32) / 127.5 - 1.0 for img in images])
-    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).to(device=device, dtype=vae.dtype)
+    # torchvision's ToTensor then Normalize(0.5, 0.5), as DiffusionDPO, to the last bit
+    arr = np.stack([(np.asarray(img, dtype=np.float32) / 255.0 - 0.5) / 0.5 for img in images])
+    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device=device, dtype=vae.dtype)
     dist = vae.encode(pixels).latent_dist
     latents = dist.sample(sample_generator) if sample_generator is not None else dist.mean
     return latents * vae.config.scaling_factor
@@ -614,6 +681,7 @@ def self_rewards(unet, ref_unet, scheduler, latents, cond, resolution, draws=10,
     Returns (reward, standard error over the draws), each a float64 tensor of shape (N,)."""
     from dpo_loss import implicit_reward, per_sample_error
     n_images, k = latents.shape[0], draws
+    scheduler = forward_process(scheduler)
     gen = torch.Generator().manual_seed(seed)
     n_timesteps = scheduler.config.num_train_timesteps
     shape = latents.shape[1:]

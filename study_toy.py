@@ -55,8 +55,8 @@ ABLATIONS = {
     "ablation_n4": (4, "best-worst", 0.25),
 }
 MODELS = [  # row order of the table: (folder name in a seed's run, label, which human labels it used)
-    ("base", "base model", None), ("iter_00", "iteration 0: DPO on the seed", "seed"),
-    ("iter_01", "SAIL iteration 1", "seed"), ("iter_02", "SAIL iteration 2", "seed"),
+    ("base", "base model", None), (sc.iteration_name(0), "iteration 0: DPO on the seed", "seed"),
+    (sc.iteration_name(1), "SAIL iteration 1", "seed"), (sc.iteration_name(2), "SAIL iteration 2", "seed"),
     ("dpo_all_labels", "DPO on all labels", "all"),
     ("dpo_all_labels_long", "DPO on all labels, as many steps as SAIL in all", "all"),
     ("ablation_random_pairs", "iteration 1, random pairs", "seed"), ("ablation_no_mixup", "iteration 1, no mixup", "seed"),
@@ -97,7 +97,7 @@ def run_seed(args, seed, cfg):
     sh("SAIL loop (run_all.sh)", "bash", KIT / "run_all.sh", args.preset, args.iterations,
        extra_env=dict(RUN=str(run), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0",
                       DATA_ARGS=" ".join(data_args), TRAIN_ARGS=" ".join(train_args)))
-    iter0, iter1 = run / "iter_00" / "ckpt", run / "iter_01"
+    iter0, iter1 = sc.checkpoint_dir(run, 0), sc.iteration_dir(run, 1)
     for name, (n, pairing, share) in ABLATIONS.items():
         folder = run / name
         if (folder / "ckpt" / "sail.json").is_file():
@@ -119,7 +119,7 @@ def run_seed(args, seed, cfg):
         start, folder = run / "ablation_no_mixup" / "ckpt", run / "ablation_no_mixup_iter2"
         if not (folder / "ckpt" / "sail.json").is_file():
             sh("ablation_no_mixup_iter2: 01 generate", *py, "01_generate.py", "--ckpt", start, "--pool",
-               run / "pools" / "iter_02.jsonl", "--out", folder)
+               sc.pool_path(run, 2), "--out", folder)
             sh("ablation_no_mixup_iter2: 02 self-reward", *py, "02_self_reward.py", "--ckpt", start, "--dir", folder,
                "--draws", cfg["draws"])
             sh("ablation_no_mixup_iter2: 03 mixup", *py, "03_mixup.py", "--self-pairs", folder / "pairs.jsonl",
@@ -137,7 +137,7 @@ def run_seed(args, seed, cfg):
     sweep_out, iters_out = run / "eval" / "reward_accuracy_draws", run / "eval" / "reward_accuracy_iterations"
     sh("reward accuracy: K and common draws", *py, "05_eval.py", "--reward-accuracy", heldout, "--ckpt", iter0,
        "--draws", *cfg["sweep"], "--common-draws", "both", "--out", sweep_out)
-    sail_ckpts = [a for i in range(args.iterations + 1) for a in ("--ckpt", run / f"iter_{i:02d}" / "ckpt")]
+    sail_ckpts = [a for i in range(args.iterations + 1) for a in ("--ckpt", sc.checkpoint_dir(run, i))]
     sh("reward accuracy: per iteration", *py, "05_eval.py", "--reward-accuracy", heldout, *sail_ckpts,
        "--draws", cfg["draws"], "--common-draws", "yes", "--out", iters_out)
     sh("oracle report", *py, "toy_world.py", "report", "--run", run, "--images-per-prompt", cfg["images_per_prompt"])
@@ -239,7 +239,7 @@ def plot(summary, out_path):
     names = [(n, label) for n, label, _ in MODELS if n != "base" and summary["models"].get(n, {}).get("delta")]
     for y, (name, _) in enumerate(names):
         mean, sd, values = summary["models"][name]["delta"]
-        colour = "tab:blue" if name.startswith("iter_") else "tab:red" if name.startswith("dpo_all_labels") else "tab:gray"
+        colour = "tab:blue" if sc.iteration_number(name) is not None else "tab:red" if name.startswith("dpo_all_labels") else "tab:gray"
         left.barh(y, mean, xerr=sd, color=colour, alpha=0.8, capsize=3)
         left.scatter(values, [y] * len(values), color="black", s=10, zorder=3)
     left.set_yticks(range(len(names)), [label for _, label in names])
@@ -249,7 +249,7 @@ def plot(summary, out_path):
     left.set_title("SAIL (blue), DPO on all labels (red), ablations (grey)", fontsize=9)
     for common, style in ((True, "o-"), (False, "s--")):
         points = [(int(k.split("K=")[1].split()[0]), stat) for k, stat in summary["accuracy"].items()
-                  if k.startswith("iter_00") and "draws" in k and (" common" in k) == common and stat]
+                  if k.startswith(sc.iteration_name(0)) and "draws" in k and (" common" in k) == common and stat]
         if points:
             points.sort()
             ks, stats = zip(*points)
@@ -257,7 +257,7 @@ def plot(summary, out_path):
                            label="common draws" if common else "own draws per image")
     right.axhline(0.5, color="black", lw=0.8, ls=":")
     right.set_xscale("log")
-    ticks = sorted({int(k.split("K=")[1].split()[0]) for k in summary["accuracy"] if k.startswith("iter_00")})
+    ticks = sorted({int(k.split("K=")[1].split()[0]) for k in summary["accuracy"] if k.startswith(sc.iteration_name(0))})
     right.set_xticks(ticks, [str(k) for k in ticks])
     right.minorticks_off()
     right.set_xlabel("K (t, noise) draws per image")

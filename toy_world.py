@@ -406,7 +406,7 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
     evals, pools, universe = split_prompts(seed, n_pools, pool_size, n_eval, n_universe)
     sc.write_json_atomic(made, settings)
     for k, pool in enumerate(pools, 1):
-        path = run_dir / "pools" / f"iter_{k:02d}.jsonl"
+        path = sc.pool_path(run_dir, k)
         if not path.is_file():
             sc.write_jsonl_atomic(path, pool)
     if not (run_dir / "eval" / "prompts.jsonl").is_file():
@@ -537,7 +537,7 @@ def report(run_dir, n_images_per_prompt=4, seed=0, device=None):
     """Score base and every finished checkpoint of the run (iter_*/ckpt, then any other */ckpt such
     as the study's ablations); print a table; write eval/oracle_report.json."""
     run_dir = Path(run_dir)
-    found = sorted(run_dir.glob("*/ckpt"), key=lambda p: (not p.parent.name.startswith("iter_"), p.parent.name))
+    found = sorted(run_dir.glob("*/ckpt"), key=lambda p: (sc.iteration_number(p.parent.name) is None, p.parent.name))
     ckpts = ["base"] + [p for p in found if (p / "sail.json").is_file()]
     with sc.folder_lock(run_dir / "eval", "toy_world report"):
         results = score_checkpoints(run_dir, ckpts, n_images_per_prompt, seed, device=device)

@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import load_stage
 
+import model_configs
+
 bench = load_stage("bench")
 
 # parameter counts of the released models (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0)
@@ -28,20 +30,15 @@ def test_random_weights_build_the_released_architectures(arch):
         assert count(pipe.text_encoder_2) == OPENCLIP_BIGG
         assert pipe.text_encoder_2.config.projection_dim == 1280  # pooled embeds: 2816 = 1280 + 6 x 256
     assert unet.config.sample_size * 8 == bench.sc.PRESETS[arch]["resolution"]
-    assert pipe.tokenizer("a red square").input_ids[-1] == pipe.text_encoder.config.eos_token_id
+    ids = pipe.tokenizer("a red square").input_ids  # pooled where the id is highest: <|endoftext|>
+    assert pipe.text_encoder.config.eos_token_id == 2 and ids[-1] == max(ids) == len(pipe.tokenizer) - 1
 
 
-def small_architectures():
-    """FULL_SIZE with CPU-sized shapes, to run the --random-weights path in seconds."""
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-    unet = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=4, norm_num_groups=8, attention_head_dim=4,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
-    return {"sd15": dict(unet=dict(unet, cross_attention_dim=32), vae=vae, text=[text]),
-            "sdxl": dict(unet=dict(unet, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                                   projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True),
-                         vae=vae, text=[text, dict(text, hidden_act="gelu")])}
+def small_architectures(arch):
+    """The released configs at CPU size, to run the --random-weights path in seconds."""
+    cfg = model_configs.tiny_configs(arch, vocab_size=600)
+    cfg["unet"]["sample_size"] = 4
+    return cfg
 
 
 def run_bench(capsys, *argv):
@@ -71,7 +68,7 @@ def test_bench_on_tiny_sd15(capsys):
 
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
 def test_bench_random_weights_path(capsys, monkeypatch, preset):
-    monkeypatch.setattr(bench, "FULL_SIZE", small_architectures())
+    monkeypatch.setattr(bench, "architecture", small_architectures)
     lines = run_bench(capsys, "--preset", preset, "--random-weights")
     assert lines[0].startswith(f"preset {preset} (random weights, released architecture)")
     check_report(lines, preset.split("-")[1])

@@ -44,7 +44,7 @@ def test_tiny_sd15_two_iterations(tmp_path):
     assert len((run_dir / "iter_01" / "generations.jsonl").read_text().splitlines()) == 3 * 4
 
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "log" not in p.name
-              and p.suffix != ".json"}
+              and p.suffix != ".json" and p.name != ".lock"}  # .lock: the OS lock each stage takes, not an output
     again = run_all(run_dir, "tiny-sd15", 2)
     assert "skipping" in (run_dir / "iter_02" / "log.txt").read_text()
     assert "data (toy world)" not in again
@@ -66,10 +66,36 @@ def test_tiny_sd15_two_iterations(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_sdxl_one_iteration(tmp_path):
-    run_all(tmp_path / "run", "tiny-sdxl", 1)
-    info = json.loads((tmp_path / "run" / "iter_01" / "ckpt" / "sail.json").read_text())
+def test_tiny_sdxl_trains_the_same_weights_whatever_sampler_it_ships(tmp_path):
+    """`run_all.sh tiny-sdxl 1` on the config-faithful tiny SDXL (EulerDiscreteScheduler, as released)
+    and on a copy that ships DDIM: the same images, rewards, pairs and weights, because every loss and
+    reward noises with DDPM's forward process and generation builds its sampler from the config."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    sys.path.insert(0, str(ROOT))
+    import sail_common as sc
+    caches = {name: tmp_path / f"cache-{name}" for name in ("euler", "ddim")}
+    for name, cache in caches.items():
+        folder = sc.build_tiny_pipeline("sdxl", cache / "tiny-sdxl")
+        if name == "ddim":
+            config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            assert config["_class_name"] == "EulerDiscreteScheduler"
+            ddim = dict(_class_name="DDIMScheduler", **{k: config[k] for k in (
+                "beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "clip_sample", "set_alpha_to_one",
+                "steps_offset", "timestep_spacing", "prediction_type")})
+            (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddim))
+            index = json.loads((folder / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", "DDIMScheduler"])))
+        run_all(tmp_path / name, "tiny-sdxl", 1, SAIL_CACHE=str(cache), EVAL="0", TRAIN_ARGS="--lr 1e-4")
+    runs = {name: tmp_path / name for name in caches}
+    info = json.loads((runs["euler"] / "iter_01" / "ckpt" / "sail.json").read_text())
     assert info["arch"] == "sdxl" and info["iteration"] == 1
+    for name in ("iter_01/rewards.jsonl", "iter_01/pairs.jsonl"):
+        assert (runs["euler"] / name).read_text() == (runs["ddim"] / name).read_text(), name
+    for it in ("iter_00", "iter_01"):
+        a, b = (UNet2DConditionModel.from_pretrained(runs[n] / it / "ckpt" / "unet").state_dict() for n in caches)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{it}: {key}"
 
 
 def test_overlapping_pools_stop_the_loop_before_it_starts(tmp_path):

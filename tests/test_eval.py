@@ -69,10 +69,8 @@ def test_clip_preprocessing_crop_and_pad_by_hand():
     want = (np.asarray(crop, np.float32) / 255 - mean) / std
     got = scorers.clip_pixels([img], 32)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
-    pad = scorers.clip_pixels([img], 32, mode="pad")[0].permute(1, 2, 0).numpy()  # long side 32 -> 32x24, 4 rows each side
+    pad = scorers.hps_pixels([img], 32)[0].permute(1, 2, 0).numpy()  # long side 32 -> 32x24, 4 rows of zeros each side
     np.testing.assert_allclose(pad[:4], np.broadcast_to(-mean / std, (4, 32, 3)), atol=1e-6)
-    np.testing.assert_allclose(pad[4:28], (np.asarray(img.resize((32, 24), Image.BICUBIC), np.float32) / 255 - mean) / std,
-                               atol=1e-5)
     np.testing.assert_allclose(pad[28:], np.broadcast_to(-mean / std, (4, 32, 3)), atol=1e-6)
 
 
@@ -97,43 +95,20 @@ def stub_tokenizer(prompts):
     return torch.tensor([[ord(c) % 256 for c in (p + " " * 77)[:77]] for p in prompts])
 
 
-def test_hpsv2_is_100_times_cosine_with_pad_preprocessing():
+def test_hpsv2_is_100_times_cosine_with_its_preprocessing():
     model = StubOpenClip()
     scorer = scorers.HPSv2("hpsv2", model=model, tokenizer=stub_tokenizer, batch_size=2)
     got = torch.tensor(scorer(PROMPTS, IMAGES))
     with torch.no_grad():
-        img = model.encode_image(scorers.clip_pixels(IMAGES, 32, mode="pad"))
+        img = model.encode_image(scorers.hps_pixels(IMAGES, 32))
         txt = model.encode_text(stub_tokenizer(PROMPTS))
     torch.testing.assert_close(got, 100 * F.cosine_similarity(img, txt), rtol=1e-5, atol=1e-4)
     scorer.batch_size = 5
     torch.testing.assert_close(torch.tensor(scorer(PROMPTS, IMAGES)), got, rtol=1e-5, atol=1e-4)
 
 
-def test_imagereward_normalises_the_mlp_output():
-    hidden = torch.arange(5 * 35 * 4, dtype=torch.float32).view(5, 35, 4) / 100
-
-    class Tokens(dict):
-        __getattr__ = dict.__getitem__
-
-        def to(self, device):
-            return self
-
-    blip = types.SimpleNamespace(
-        tokenizer=lambda p, **kw: Tokens(input_ids=torch.zeros(len(p), 35, dtype=torch.long), attention_mask=torch.ones(len(p), 35)),
-        visual_encoder=lambda x: x.flatten(2).transpose(1, 2),
-        text_encoder=lambda ids, **kw: types.SimpleNamespace(last_hidden_state=hidden[:len(ids)]))
-    model = torch.nn.Module()
-    model.blip, model.mlp, model.mean, model.std = blip, torch.nn.Linear(4, 1), 0.16717362830052426, 1.0333394966054072
-    model.preprocess = lambda img: torch.zeros(3, 4, 4)
-    got = scorers.ImageReward(model=model)(PROMPTS, IMAGES)
-    with torch.no_grad():
-        want = (model.mlp(hidden[:, 0]) - 0.16717362830052426) / 1.0333394966054072
-    torch.testing.assert_close(torch.tensor(got), want[:, 0])
-
-
 @pytest.mark.parametrize("metric,module,package", [("hpsv2", "open_clip", "open_clip_torch"),
-                                                    ("hpsv2.1", "open_clip", "open_clip_torch"),
-                                                    ("imagereward", "ImageReward", "image-reward")])
+                                                    ("hpsv2.1", "open_clip", "open_clip_torch")])
 def test_missing_optional_package_names_what_to_install(monkeypatch, metric, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
     with pytest.raises(SailError, match=f"pip install {package}"):
@@ -217,6 +192,15 @@ def test_end_to_end_tiny_preset(run):
     assert [f.stat().st_mtime_ns for f in files] == stamps
     with pytest.raises(SailError, match="other settings"):
         run_eval(*argv, "--steps", "3")
+
+
+def test_tiny_imagereward_through_05_eval(run):
+    out = run / "ir"
+    run_eval("--ckpt", "tiny-sd15", "--benchmark", run / "bench.jsonl", "--limit", "2", "--bootstrap", "50",
+             "--metrics", "tiny-imagereward", "--out", out)
+    info = json.loads((out / "base" / "bench" / "eval.json").read_text())
+    assert info["metrics"]["tiny-imagereward"]["n"] == 2 and np.isfinite(info["metrics"]["tiny-imagereward"]["mean"])
+    assert "tiny I.R." in (out / "table_bench.md").read_text()
 
 
 def test_reward_accuracy_ties_when_model_equals_reference(run):

@@ -102,16 +102,59 @@ def test_overlapping_pools_are_refused(tmp_path):
         sc.check_pools_disjoint(tmp_path)
 
 
-def test_folder_lock_refuses_a_second_writer_and_takes_over_a_dead_one(tmp_path):
+def test_folder_lock_refuses_a_second_writer_and_ignores_a_dead_one(tmp_path):
     with sc.folder_lock(tmp_path, "one"):
-        with pytest.raises(sc.SailError, match="locked by another stage"):
+        with pytest.raises(sc.SailError, match=r"locked by another stage \(\S+ \d+ one\)"):
             with sc.folder_lock(tmp_path, "two"):
                 pass
-    assert not (tmp_path / ".lock").exists()
-    import socket
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999 dead")
+    with sc.folder_lock(tmp_path, "free again"):
+        pass
+    (tmp_path / ".lock").write_text("otherhost 999999999 killed")  # what a killed holder leaves behind
     with sc.folder_lock(tmp_path, "three"):
         assert "three" in (tmp_path / ".lock").read_text()
+
+
+RACER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import sail_common as sc
+folder, start, log = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+time.sleep(max(0.0, start - time.time()))
+try:
+    with sc.folder_lock(folder, "racer"):
+        with open(log, "a") as f:
+            f.write("in\\n")
+        deadline = time.time() + 60  # hold the lock until every other racer has been refused
+        while open(log).read().count("refused") < {others} and time.time() < deadline:
+            time.sleep(0.05)
+except sc.SailError as err:
+    with open(log, "a") as f:
+        f.write("refused\\n")
+    print(err)
+"""
+
+
+def test_processes_racing_for_a_folder_with_a_dead_lock_let_exactly_one_in(tmp_path):
+    """Six processes start at the same instant on a folder whose .lock a killed process of this host
+    left: one holds the lock, every other one is refused."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    folder, log, n = tmp_path / "run", tmp_path / "held.txt", 6
+    folder.mkdir()
+    (folder / ".lock").write_text(f"{socket.gethostname()} 999999999 killed")
+    script = tmp_path / "racer.py"
+    script.write_text(RACER.format(root=str(ROOT), others=n - 1))
+    start = time.time() + 5.0
+    procs = [subprocess.Popen([sys.executable, str(script), str(folder), str(start), str(log)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    events = log.read_text().split()
+    assert events.count("in") == 1 and events.count("refused") == n - 1, events
+    assert sum("locked by another stage" in out for out in outs) == n - 1, outs
 
 
 def test_seeds_are_stable():

@@ -88,6 +88,37 @@ def test_pairing():
     assert self_reward.choose_pair("p", [dict(index=0, reward=0.0), dict(index=1, reward=0.0)], "best-worst", 0) is None
 
 
+def test_ties_within_round_off_and_identical_images_give_no_pair():
+    """Rewards 1e-4 apart at beta 5000 (p = 0.500025, round-off of the float32 errors) tie; so do two
+    byte-identical images, whatever rewards independent draws gave them."""
+    close = [dict(index=0, reward=1.0), dict(index=1, reward=1.0 + 1e-4)]
+    tolerance = self_reward.tie_tolerance(5000.0)
+    assert self_reward.choose_pair("p", close, "best-worst", 0) is not None  # exact comparison: a "preference"
+    assert self_reward.choose_pair("p", close, "best-worst", 0, tolerance) is None
+    apart = [dict(index=0, reward=1.0, image="a.png"), dict(index=1, reward=1.1, image="b.png")]
+    assert self_reward.choose_pair("p", apart, "best-worst", 0, tolerance) is not None
+    same = lambda a, b: True
+    assert self_reward.choose_pair("p", apart, "best-worst", 0, tolerance, same) is None
+    assert self_reward.choose_pair("p", apart, "random", 0, tolerance, same) is None
+
+
+def test_self_reward_stage_gives_no_pair_for_identical_images(tmp_path):
+    run_dir = make_run(tmp_path)
+    train = load_stage("04_train")
+    sc.run_stage(train.locked_main, train.build_parser().parse_args(
+        ["--run", str(run_dir), "--iter", "0", "--preset", "tiny-sd15", "--max-steps", "2", "--lr", "1e-4"]))
+    run(generate, "--run", run_dir, "--iter", 1, "--num-candidates", 2)
+    folder = run_dir / "iter_01"
+    gens = sc.read_jsonl(folder / "generations.jsonl")
+    first = [g for g in gens if g["prompt_id"] == gens[0]["prompt_id"]]
+    (folder / first[1]["image"]).write_bytes((folder / first[0]["image"]).read_bytes())
+    run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2, "--no-common-draws")
+    rewards = {r["image"]: r["reward"] for r in sc.read_jsonl(folder / "rewards.jsonl")}
+    assert rewards[first[0]["image"]] != rewards[first[1]["image"]]  # own draws rank a copy by noise alone
+    pairs = sc.read_jsonl(folder / "pairs.jsonl")
+    assert gens[0]["prompt_id"] not in {p["prompt_id"] for p in pairs} and len(pairs) == len({g["prompt_id"] for g in gens}) - 1
+
+
 @pytest.mark.parametrize("share, n_human", [(0.25, 4), (0.0, 0), (0.5, 12), (0.75, 36)])
 def test_mixup_shares(share, n_human):
     self_rows = [dict(source="self", i=i, p=0.5) for i in range(12)]
@@ -182,3 +213,43 @@ def test_self_reward_resumes_from_a_killed_run(tmp_path):
     assert "1 scored already" in (folder / "log.txt").read_text().splitlines()[-3]
     assert {name: (folder / name).read_bytes() for name in full} == full
     assert not list(folder.glob("rewards.partial.*"))
+
+
+def test_generation_rerun_with_other_settings_stops_instead_of_mixing(tmp_path, capsys):
+    """A killed generation (images there, no generations.jsonl) continues only with the settings that
+    made its images; another --steps or --cfg stops and names both values."""
+    run_dir = make_run(tmp_path)
+    argv = ["--ckpt", "tiny-sd15", "--pool", run_dir / "pools" / "iter_01.jsonl", "--num-candidates", 2, "--out", tmp_path / "g"]
+    run(generate, *argv, "--steps", 2)
+    gens = sc.read_jsonl(tmp_path / "g" / "generations.jsonl")
+    (tmp_path / "g" / "generations.jsonl").unlink()
+    (tmp_path / "g" / gens[1]["image"]).unlink()  # killed before the last images and the list
+    kept = (tmp_path / "g" / gens[0]["image"]).read_bytes()
+    for flag in (["--steps", 3], ["--cfg", 1.5]):
+        with pytest.raises(SystemExit):
+            run(generate, *argv, "--steps", 2, *flag)  # the last --steps counts
+        err = capsys.readouterr().err
+        name = flag[0][2:]
+        assert f"holds work made with {name} = " in err and f"this run has {name} = {flag[1]!r}" in err, err
+        assert "generate.settings.json to generate anew" in err
+        assert not (tmp_path / "g" / "generations.jsonl").exists() and (tmp_path / "g" / gens[0]["image"]).read_bytes() == kept
+    run(generate, *argv, "--steps", 2)
+    assert len(sc.read_jsonl(tmp_path / "g" / "generations.jsonl")) == len(gens)
+
+
+def test_self_reward_rerun_with_other_settings_stops_instead_of_mixing(tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    run(generate, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15", "--num-candidates", 2)
+    folder = run_dir / "iter_01"
+    partial = folder / "rewards.partial.0.jsonl"
+    partial.write_text('{"prompt_id": "prompt0", "prompt": "prompt number 0", "index": 0, "image": "x", "reward": 1.0,'
+                       ' "reward_se": 0.1, "draws": 2}\n')
+    sc.write_json_atomic(folder / "self_reward.settings.json", dict(
+        model="tiny-sd15", reference="base", draws=2, common_draws=True, beta=5000.0, seed=0, mixed_precision="no"))
+    for flag, name, value in ((["--draws", 3], "draws", 3), (["--beta", 2500], "beta", 2500.0),
+                              (["--no-common-draws"], "common_draws", False), (["--ref", "tiny-sdxl"], "reference", "tiny-sdxl")):
+        with pytest.raises(SystemExit):
+            run(self_reward, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15", "--draws", 2, *flag)
+        err = capsys.readouterr().err
+        assert f"holds work made with {name} = " in err and f"this run has {name} = {value!r}" in err, err
+        assert partial.read_text().count("\n") == 1 and not (folder / "rewards.jsonl").exists()

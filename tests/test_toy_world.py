@@ -224,16 +224,19 @@ def test_world_tokenizer_has_one_token_per_word(tmp_path):
 def test_ensure_toy_base_waits_for_a_build_in_another_process(tmp_path, monkeypatch):
     """A second process asking for the base while the first builds it waits instead of failing."""
     import threading
+    import time
     monkeypatch.setattr(tb, "build_toy_base", lambda path, **kw: pytest.fail("built twice"))
-    lock = tmp_path / ".lock"
-    lock.write_text("%s %d toy-base build" % (__import__("socket").gethostname(), __import__("os").getpid()))
+    holding = threading.Event()
 
-    def finish_build():
-        (tmp_path / tb.TOY_BASE_NAME).mkdir()
-        (tmp_path / tb.TOY_BASE_NAME / "model_index.json").write_text("{}")
-        lock.unlink()
+    def other_builder():  # holds the OS lock of the cache folder, as a build in another process does
+        with sc.folder_lock(tmp_path, "toy-base build"):
+            holding.set()
+            time.sleep(0.5)
+            (tmp_path / tb.TOY_BASE_NAME).mkdir()
+            (tmp_path / tb.TOY_BASE_NAME / "model_index.json").write_text("{}")
 
-    timer = threading.Timer(0.5, finish_build)
-    timer.start()
+    thread = threading.Thread(target=other_builder)
+    thread.start()
+    holding.wait()
     assert tb.ensure_toy_base(tmp_path) == tmp_path / tb.TOY_BASE_NAME
-    timer.join()
+    thread.join()

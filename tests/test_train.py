@@ -130,7 +130,68 @@ def test_resume_refuses_a_state_of_the_other_kind(tmp_path, capsys):
     make_pairs(tmp_path / "seed", n=4)
     partial = tmp_path / "iter_00" / "ckpt.partial"
     partial.mkdir(parents=True)
-    (partial / "progress.json").write_text('{"step": 2}')  # a killed run of the whole UNet
+    (partial / "progress.json").write_text('{"step": 2}')  # a killed run that recorded no settings
     with pytest.raises(SystemExit):
         run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 4, "--lora-rank", 4)
-    assert "ckpt.partial was saved with --lora-rank 0, not 4: rerun with that, or add --restart" in capsys.readouterr().err
+    assert "records no settings.json, so it cannot be resumed safely: add --restart" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, old, new", [("--lr", "1e-4", "3e-4"), ("--lora-rank", "0", "4")])
+def test_resume_with_other_settings_stops_and_names_the_setting(tmp_path, capsys, monkeypatch, flag, old, new):
+    """A crashed run's state resumes only with the settings that made it; other ones stop with the
+    setting's old and new value, and nothing is written."""
+    make_pairs(tmp_path / "seed", n=4)
+    argv = ["--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 4, "--batch-size", 2, "--save-every", 2]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the checkpoint")
+    monkeypatch.setattr(sc, "save_checkpoint", crash)  # the state of step 2 is saved, the checkpoint never
+    with pytest.raises(RuntimeError):
+        run_train(*argv, flag, old)
+    monkeypatch.undo()
+    partial = tmp_path / "iter_00" / "ckpt.partial"
+    assert json.loads((partial / "progress.json").read_text()) == {"step": 2}
+    with pytest.raises(SystemExit):
+        run_train(*argv, flag, new)
+    name, err = flag[2:].replace("-", "_"), capsys.readouterr().err
+    assert f"holds work made with " in err and f"{name} = {float(old) if name == 'lr' else int(old)!r}" in err, err
+    assert f"this run has " in err and f"{name} = {float(new) if name == 'lr' else int(new)!r}" in err, err
+    assert "rerun with the former to continue, or add --restart to discard it" in err
+    assert json.loads((partial / "progress.json").read_text()) == {"step": 2} and not (tmp_path / "iter_00" / "ckpt").exists()
+    run_train(*argv, flag, old)
+    assert "resuming from" in (tmp_path / "iter_00" / "log.txt").read_text()
+    assert json.loads((tmp_path / "iter_00" / "ckpt" / "sail.json").read_text())["steps"] == 4
+
+
+SCHEDULERS_WITH_THE_SAME_BETAS = {"DDIMScheduler": dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1)}
+
+
+def test_training_does_not_depend_on_the_sampler_a_model_folder_ships(tmp_path):
+    """The released SDXL ships EulerDiscreteScheduler, whose add_noise is x0 + sigma_t eps; training must
+    noise with DDPM's forward process whatever the folder ships (as DiffusionDPO does), so a copy of the
+    tiny SDXL with a DDIM config trains to the same weights as the Euler original (every other class:
+    tests/test_parity_train.py)."""
+    import shutil
+    base = sc.resolve_model_path("tiny:sdxl")
+    config = json.loads((sc.Path(base) / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "EulerDiscreteScheduler"  # as released
+    pairs = make_pairs(tmp_path / "seed", n=4)
+    weights = {}
+    for name in ["EulerDiscreteScheduler", *SCHEDULERS_WITH_THE_SAME_BETAS]:
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        betas = {k: config[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")}
+        swapped = dict(_class_name=name, **betas, **SCHEDULERS_WITH_THE_SAME_BETAS.get(name, {}))
+        if name != "EulerDiscreteScheduler":  # model_index.json names the class, the config its settings
+            (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(swapped))
+            index = json.loads((folder / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", name])))
+        assert type(sc.load_pipeline(sc.describe_model(str(folder)), "cpu", torch.float32).scheduler).__name__ == name
+        run_train("--init", folder, "--preset", "tiny-sdxl", "--pairs", pairs, "--out", tmp_path / f"out-{name}",
+                  "--max-steps", 2, "--batch-size", 4, "--lr", 1e-4)
+        weights[name] = unet_state(tmp_path / f"out-{name}")
+    start = sc.load_unet(sc.describe_model("tiny-sdxl")).state_dict()
+    assert any(not torch.equal(weights["EulerDiscreteScheduler"][k], start[k]) for k in start), "training changed nothing"
+    for name in SCHEDULERS_WITH_THE_SAME_BETAS:
+        for key, value in weights["EulerDiscreteScheduler"].items():
+            torch.testing.assert_close(weights[name][key], value, rtol=0, atol=0, msg=f"{name}: {key}")

@@ -1,0 +1,50 @@
+"""preflight.py (`bash run_all.sh PRESET T --check`) on the tiny models: every unit runs through the
+stages' own code, and a wrong noising or a folder that is not its own stops it with one message."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import sail_common as sc
+
+preflight = pytest.importorskip("preflight")
+
+
+def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "tiny-sdxl", "1", "--check"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "preflight-tiny-sdxl" / "preflight.json").read_text())
+    units = [row["unit"] for row in report["units"]]
+    assert units[:3] == ["load model", "load pipeline", "check configs and noising"]
+    assert {"01 generate 2x2 images", "00 seed DPO, 2 steps", "reload the checkpoint", "02 self-reward, K=2",
+            "score tiny-pickscore", "score tiny-aesthetic", "score tiny-imagereward"} <= set(units)
+    assert all(row["seconds"] >= 0 and row["peak_gib"] > 0 for row in report["units"])
+    assert report["checks"]["sampler_shipped"] == "EulerDiscreteScheduler" and report["checks"]["noising"] == "DDPMScheduler"
+    assert report["checks"]["differences"] == []  # the tiny model keeps every released setting checked
+    assert len(report["scores"]["tiny-pickscore"]) == 4
+    assert report["estimate"]["total_seconds"] > 0 and len(report["estimate"]["stages"]) == 1 + 3 * 2
+    assert "preflight passed" in done.stdout and "estimate total on one device" in done.stdout
+
+
+def test_check_stops_at_a_noising_that_is_not_ddpm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sc, "forward_process", lambda scheduler: scheduler)  # the old bug: the shipped sampler noises
+    with pytest.raises(SystemExit) as exit_info:
+        sc.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sdxl", "--out", str(tmp_path / "p")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "preflight stopped at 'check configs and noising': training would noise with EulerDiscreteScheduler" in err
+    assert not (tmp_path / "p" / "base").exists()
+
+
+def test_check_does_not_replace_a_folder_of_another_kind(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        sc.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
+    assert "is not a preflight folder; not replacing it" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
