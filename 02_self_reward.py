@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import sail_common as sc
+from dpo_loss import self_rewards
 
 log = logging.getLogger("sail")
 
@@ -165,7 +166,7 @@ def main(args):
                 images = [sc.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
                 latents = sc.encode_images(pipe.vae, images, device).to(dtype)
                 cond = sc.encode_prompts(pipe, [group[0]["prompt"]], device)
-                reward, se = sc.self_rewards(unet, ref_unet, noise_scheduler, latents, cond, resolution, args.draws, args.beta,
+                reward, se = self_rewards(unet, ref_unet, noise_scheduler, latents, cond, resolution, args.draws, args.beta,
                                              seed=sc.derive_seed(args.seed, "draws", pid),
                                              common_draws=not args.no_common_draws, batch_size=args.reward_batch)
                 if not torch.isfinite(reward).all():

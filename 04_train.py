@@ -44,11 +44,11 @@ import torch
 from PIL import Image
 
 import sail_common as sc
-from dpo_loss import dpo_loss
+from dpo_loss import dpo_micro_batch, make_optimizer
+from lora import LORA_TARGETS, add_lora, lora_config, save_lora
 
 log = logging.getLogger("sail")
 PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "micro_batch", "epochs", "max_steps", "batch_size", "lr")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every transformer block
 
 
 def build_parser():
@@ -130,22 +130,6 @@ def resize_short_side(img, size):
     return img if new == (w, h) else img.resize(new, Image.BILINEAR)
 
 
-def dpo_micro_batch(unet, ref_unet, noise_scheduler, latents, noise, t, cond, resolution, beta, ref_dtype=torch.float32,
-                    lora_reference=False):
-    """DiffusionDPO's loss on one micro-batch of B pairs. latents: (2B, ...) all preferred first, then all
-    dispreferred; noise (B, ...) and t (B,): one draw per pair, shared by its two images; cond: the text
-    conditioning of the B prompts (sc.encode_prompts). ref_unet runs without gradients; with
-    lora_reference it is the trained UNet itself, with its adapter switched off."""
-    noise, t = noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    target = sc.prediction_target(noise_scheduler, latents, noise, t)
-    cond = {k: torch.cat([v, v]) for k, v in cond.items()}
-    with torch.no_grad(), adapters_off(ref_unet) if lora_reference else contextlib.nullcontext():
-        ref_pred = sc.unet_call(ref_unet, noisy.to(ref_dtype), t, {k: v.to(ref_dtype) for k, v in cond.items()}, resolution)
-    model_pred = sc.unet_call(unet, noisy, t, {k: v.float() for k, v in cond.items()}, resolution)
-    return dpo_loss(model_pred, ref_pred, target, beta)
-
-
 def training_settings(args, total_steps, folder):
     """What decides the trained weights, recorded with a killed run's state: a resume with other values
     would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
@@ -154,56 +138,6 @@ def training_settings(args, total_steps, folder):
              "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
     return dict({name: getattr(args, name) for name in names}, steps=total_steps,
                 init=sc.model_setting(args.init, folder), pairs=sc.relative_to(args.pairs, folder))
-
-
-def make_optimizer(name, params, lr, weight_decay):
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-        return Adafactor(params, lr=lr, weight_decay=weight_decay, clip_threshold=1.0,
-                         scale_parameter=False, relative_step=False, warmup_init=False)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def lora_config(rank, alpha):
-    """peft's LoraConfig for the attention projections; peft is only needed here."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise sc.SailError(f"--lora-rank {rank} trains a LoRA through peft, which is not installed: pip install peft") from None
-    # init_lora_weights=True: B starts at zero, so the UNet starts equal to its reference
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=True)
-
-
-def add_lora(unet, config, seed):
-    """Freeze the UNet and put a fresh LoRA on it (diffusers' peft integration)."""
-    unet.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):  # the same initial A matrices in every run and process
-        torch.manual_seed(sc.derive_seed(seed, "lora"))
-        unet.add_adapter(config)
-    return unet
-
-
-@contextlib.contextmanager
-def adapters_off(unet):
-    """The LoRA-trained UNet as its own reference: the start model is the UNet without its adapter."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
-def save_lora(unet, folder, arch):
-    """The adapter alone, in the layout `pipe.load_lora_weights(folder)` reads. The scale alpha / rank
-    is folded into the up matrices, so that a loader's default alpha (the rank) gives the trained model."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    config = unet.peft_config["default"]
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    state = {k: v * (config.lora_alpha / config.r) if ".lora.up." in k else v for k, v in state.items()}
-    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    cls.save_lora_weights(folder, unet_lora_layers=state)
 
 
 def main(args):

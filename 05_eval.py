@@ -32,11 +32,12 @@ import torch
 from PIL import Image
 
 import scorers
+from dpo_loss import self_rewards
 from sail_common import (PRESETS, SailError, derive_seed, describe_model, encode_images, encode_prompts, folder_lock,
                          image_is_complete, image_name, inference_dtype, iteration_checkpoints, iteration_name,
                          iteration_number, load_image, load_pipeline, load_unet, log, pick_device,
                          progress, read_checkpoint_info, read_jsonl, read_pairs, run_stage, save_args,
-                         save_image_atomic, self_rewards, setup_logging, strip_private, write_json_atomic,
+                         save_image_atomic, setup_logging, strip_private, write_json_atomic,
                          write_jsonl_atomic)
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"

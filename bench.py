@@ -23,7 +23,6 @@ Timings are printed, never asserted; run on an otherwise idle machine.
 """
 import argparse
 import copy
-import importlib
 import math
 import resource
 import tempfile
@@ -34,9 +33,8 @@ import torch
 
 import model_configs
 import sail_common as sc
-from dpo_loss import per_sample_error
+from dpo_loss import dpo_micro_batch, make_optimizer, per_sample_error, self_rewards
 
-train = importlib.import_module("04_train")  # a stage file: its name starts with a digit
 
 # The released architectures come from model_configs.py. Parameters: SD1.5 UNet 859,520,964,
 # SDXL UNet 2,567,463,684, VAE 83,653,863, CLIP ViT-L/14 text 123,060,480, OpenCLIP ViT-bigG/14
@@ -139,7 +137,7 @@ def main(args):
     if args.gradient_checkpointing or preset.get("gradient_checkpointing"):  # on for sdxl, as in 04_train.py
         unet.enable_gradient_checkpointing()
     ref = pipe.unet.eval()
-    opt = train.make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
+    opt = make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
     pixels = torch.rand(2 * pairs, 3, res, res, device=device) * 2 - 1
     cond = sc.encode_prompts(pipe, ["a red square on the left"] * pairs, device)
     with torch.no_grad():
@@ -152,7 +150,7 @@ def main(args):
 
     def ours():  # the micro-batch step 04_train.py runs
         with autocast:
-            loss = train.dpo_micro_batch(unet, ref, noise_scheduler, cached.float(), noise, t, cond, res, 5000.0, dtype).loss
+            loss = dpo_micro_batch(unet, ref, noise_scheduler, cached.float(), noise, t, cond, res, 5000.0, dtype).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -206,7 +204,7 @@ def main(args):
                     per_sample_error(sc.unet_call(scored, x, tk, c, res), noise[:1])
                     per_sample_error(sc.unet_call(ref, x, tk, c, res), noise[:1])
         measure(f"self-reward (K={DRAWS})", "rewards/s", lat.shape[0],
-                lambda: sc.self_rewards(scored, ref, pipe.scheduler, lat.to(dtype), one, res, DRAWS,
+                lambda: self_rewards(scored, ref, pipe.scheduler, lat.to(dtype), one, res, DRAWS,
                                         batch_size=preset["reward_batch"]), score_naive)
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

@@ -174,7 +174,7 @@ def main(args):
     desc = units.run("load model", lambda: sc.describe_model(args.preset))
     pipe = units.run("load pipeline", lambda: sc.load_pipeline(desc, device, sc.inference_dtype(device, preset["mixed_precision"])))
     checks = units.run("check configs and noising", lambda: check_model(pipe, desc["arch"]))
-    del pipe
+    pipe = None  # frees it: the stages load their own
 
     sc.write_jsonl_atomic(run / "pools" / "base.jsonl", [dict(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)])
     units.run("01 generate 2x2 images", lambda: stage("01_generate", run, "--ckpt", args.preset, "--pool", run / "pools" / "base.jsonl",

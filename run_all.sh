@@ -49,6 +49,9 @@ stage() {  # stage NAME COMMAND...: run one stage, print one summary line
 }
 
 log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HUMAN_SHARE pairing $PAIRING"
+if [[ "$PRESET" == toy ]]; then
+  stage "toy base model" $PY "$KIT/toy_base.py"  # built once (about 4 minutes), then found in $SAIL_CACHE
+fi
 if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
   case "$PRESET" in
     toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy_world.py" data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;

@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 CACHE_DIR = Path(os.environ.get("SAIL_CACHE", Path.home() / ".cache" / "sail-kit"))
+TOY_BASE_NAME = "toy-base-v1"  # the toy world's base model, CACHE_DIR/TOY_BASE_NAME, made by toy_base.py
 
 
 class SailError(Exception):
@@ -517,9 +517,12 @@ def resolve_model_path(model):
         if not (path / "model_index.json").is_file():
             build_tiny_pipeline(model.split(":")[1], path)
         return str(path)
-    if model == "toy":
-        import toy_base
-        return str(toy_base.ensure_toy_base(CACHE_DIR))
+    if model == "toy":  # built by toy_base.py, which the core does not import (it needs the toy world)
+        path = CACHE_DIR / TOY_BASE_NAME
+        if not (path / "model_index.json").is_file():
+            raise SailError(f"the toy base model is not built yet ({path}): run `python toy_base.py` once (about 4 "
+                            f"minutes on 2 cores); `bash run_all.sh toy 2` does it first")
+        return str(path)
     if model.startswith((".", "/", "~")) or Path(model).exists():  # a local folder, not a hub id
         path = Path(model).expanduser()
         if not (path / "model_index.json").is_file():
@@ -669,43 +672,6 @@ def encode_images(vae, images, device, sample_generator=None):
     dist = vae.encode(pixels).latent_dist
     latents = dist.sample(sample_generator) if sample_generator is not None else dist.mean
     return latents * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def self_rewards(unet, ref_unet, scheduler, latents, cond, resolution, draws=10, beta=5000.0, seed=0,
-                 common_draws=True, batch_size=64):
-    """The implicit reward of Eq. 8 for N images of ONE prompt, averaged over `draws` random
-    (t, noise) draws: r = -beta/2 * mean_k (e_theta - e_ref). With common_draws, every image uses
-    the same K draws (common random numbers: the comparison between images is what matters, and
-    sharing the draws removes most of its variance). `cond` is the prompt's conditioning (batch 1).
-    Returns (reward, standard error over the draws), each a float64 tensor of shape (N,)."""
-    from dpo_loss import implicit_reward, per_sample_error
-    n_images, k = latents.shape[0], draws
-    scheduler = forward_process(scheduler)
-    gen = torch.Generator().manual_seed(seed)
-    n_timesteps = scheduler.config.num_train_timesteps
-    shape = latents.shape[1:]
-    if common_draws:
-        t = torch.randint(0, n_timesteps, (k,), generator=gen).repeat(n_images)
-        noise = torch.randn((k, *shape), generator=gen).repeat(n_images, 1, 1, 1)
-    else:
-        t = torch.randint(0, n_timesteps, (n_images * k,), generator=gen)
-        noise = torch.randn((n_images * k, *shape), generator=gen)
-    device = latents.device
-    x0 = latents.repeat_interleave(k, dim=0)
-    noise, t = noise.to(device=device, dtype=latents.dtype), t.to(device)
-    diffs = []
-    for start in range(0, n_images * k, batch_size):
-        sl = slice(start, start + batch_size)
-        noisy = scheduler.add_noise(x0[sl], noise[sl], t[sl])
-        target = prediction_target(scheduler, x0[sl], noise[sl], t[sl])
-        c = {name: v.expand(noisy.shape[0], *v.shape[1:]) for name, v in cond.items()}
-        err = per_sample_error(unet_call(unet, noisy, t[sl], c, resolution), target)
-        ref_err = per_sample_error(unet_call(ref_unet, noisy, t[sl], c, resolution), target)
-        diffs.append(implicit_reward(err.double(), ref_err.double(), beta))
-    per_draw = torch.cat(diffs).view(n_images, k).cpu()
-    se = per_draw.std(dim=1) / math.sqrt(k) if k > 1 else torch.zeros(n_images, dtype=torch.float64)
-    return per_draw.mean(dim=1), se
 
 
 def main():

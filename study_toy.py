@@ -23,7 +23,7 @@ Command (about an hour and a half on 2 CPU cores with --jobs 3; seeds run side b
 The plumbing on tiny random-weight models, in a minute or two:
     python study_toy.py --out /tmp/study --preset tiny-sd15 --quick --seeds 0
 
-Reads:  nothing; the toy base model is built once and cached (python toy_world.py base).
+Reads:  nothing; the toy base model is built once and cached (python toy_base.py, which run_all.sh runs).
 Writes: <out>/seed_<s>/ (a run folder of run_all.sh plus ablation_*/, dpo_all_labels/,
         seed/heldout_pairs.jsonl, eval/, study.log with every stage's output), then <out>/study.json
         (every number per seed, stage times), study.md (tables), study.png (plot), study.args.json,

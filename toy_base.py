@@ -27,7 +27,7 @@ from toy_world import RES, all_captions, render_web
 
 log = logging.getLogger("sail")
 
-TOY_BASE_NAME = "toy-base-v1"
+TOY_BASE_NAME = sc.TOY_BASE_NAME
 TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 projection_dim=64, max_position_embeddings=77)
 VAE_CFG = dict(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,

@@ -17,11 +17,9 @@ loop runs end to end in minutes on a laptop, with a hidden "human" to tell wheth
 Commands:
     python toy_world.py data --run runs/toy [--preset toy] [--seed 0] [--pool-size 64] [--all-labels]
     python toy_world.py report --run runs/toy [--images-per-prompt 4]
-    python toy_world.py base              # build (or find) the cached toy base model
 
-`base` writes $SAIL_CACHE/toy-base-v1/ (a StableDiffusionPipeline folder; default cache
-~/.cache/sail-kit). `data` reads the preset's base model (building the toy base on first use) and
-writes runs/<run>/seed/pairs.jsonl + seed/images/ + seed/stats.json, pools/iter_01.jsonl ...,
+The toy base model is built by `python toy_base.py` (run_all.sh does it first). `data` reads the
+preset's base model and writes runs/<run>/seed/pairs.jsonl + seed/images/ + seed/stats.json, pools/iter_01.jsonl ...,
 eval/prompts.jsonl (and seed/all_pairs.jsonl with --all-labels), toy_world.data.json (the
 settings; a rerun with other settings is refused), toy_world.data.args.json and log.txt.
 `report` reads the run's checkpoints (iter_XX/ckpt) and iter_XX/pairs.jsonl, caches its images
@@ -566,11 +564,6 @@ def report(run_dir, n_images_per_prompt=4, seed=0, device=None):
 
 # ---------------------------------------------------------------- command line
 def main(args):
-    if args.command == "base":
-        import toy_base
-        sc.setup_logging(sc.CACHE_DIR, "toy_world")
-        print(toy_base.ensure_toy_base(sc.CACHE_DIR))
-        return
     run_dir = Path(args.run)
     sc.setup_logging(run_dir, f"toy_world {args.command}")
     sc.save_args(run_dir, f"toy_world.{args.command}", args)
@@ -607,7 +600,6 @@ def parse_args(argv=None):
     rep.add_argument("--images-per-prompt", type=int, default=4)
     rep.add_argument("--eval-seed", type=int, default=0)
     rep.add_argument("--device", default=None)
-    sub.add_parser("base", help="build (once) and print the path of the toy base model")
     return parser.parse_args(argv)
 
 

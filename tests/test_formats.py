@@ -158,7 +158,6 @@ def test_processes_racing_for_a_folder_with_a_dead_lock_let_exactly_one_in(tmp_p
 
 
 def test_seeds_are_stable():
-    assert sc.derive_seed(0, "p1", 3) == sc.derive_seed(0, "p1", 3)
     assert sc.derive_seed(0, "p1", 3) != sc.derive_seed(0, "p1", 4)
     assert sc.derive_seed(0, "abc", 0) == 463488955660601541  # fixed forever: changing it changes every image
 

@@ -8,6 +8,7 @@ import torch
 from conftest import load_stage
 from helpers import coloured_image, make_pairs, make_pool
 
+import dpo_loss
 import sail_common as sc
 
 generate = load_stage("01_generate")
@@ -36,7 +37,7 @@ def test_model_equal_to_reference_gives_zero_reward(tiny):
     pipe, sched = tiny
     lat = latents_of(pipe, [(200, 0, 0), (0, 200, 0), (0, 0, 200)])
     cond = sc.encode_prompts(pipe, ["a square"], CPU)
-    reward, se = sc.self_rewards(pipe.unet, pipe.unet, sched, lat, cond, 32, draws=4, beta=5000.0)
+    reward, se = dpo_loss.self_rewards(pipe.unet, pipe.unet, sched, lat, cond, 32, draws=4, beta=5000.0)
     assert torch.equal(reward, torch.zeros(3, dtype=torch.float64)) and torch.equal(se, torch.zeros(3, dtype=torch.float64))
 
 
@@ -57,7 +58,7 @@ def test_a_model_tuned_towards_one_image_ranks_it_first(tiny):
         loss.backward()
         opt.step()
     tuned.eval()
-    reward, se = sc.self_rewards(tuned, pipe.unet, sched, lat, cond, 32, draws=10, beta=5000.0)
+    reward, se = dpo_loss.self_rewards(tuned, pipe.unet, sched, lat, cond, 32, draws=10, beta=5000.0)
     assert reward.argmax().item() == 2, reward
     assert (se > 0).all()
 
@@ -70,12 +71,12 @@ def test_common_draws_give_identical_images_identical_rewards(tiny):
             p.add_(0.01 * torch.randn_like(p))
     lat = latents_of(pipe, [(200, 0, 0)]).repeat(2, 1, 1, 1)
     cond = sc.encode_prompts(pipe, ["a square"], CPU)
-    shared, _ = sc.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=4)
-    own, _ = sc.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=False)
+    shared, _ = dpo_loss.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=4)
+    own, _ = dpo_loss.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=False)
     shared_gap, own_gap = abs(shared[0] - shared[1]).item(), abs(own[0] - own[1]).item()
     assert shared_gap < 1e-4 * abs(shared[0]).item() + 1e-9  # equal up to batching round-off
     assert own_gap > 100 * shared_gap
-    again, _ = sc.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=5)
+    again, _ = dpo_loss.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=5)
     torch.testing.assert_close(again, shared, rtol=1e-4, atol=1e-6)  # batching does not change the draws
 
 
@@ -181,7 +182,8 @@ def test_generation_refuses_overlapping_pools(tmp_path, capsys):
     make_pool(run_dir / "pools" / "iter_02.jsonl", range(1, 3))
     with pytest.raises(SystemExit):
         run(generate, "--run", run_dir, "--iter", 1, "--ckpt", "tiny-sd15")
-    assert "iter_01.jsonl and" in capsys.readouterr().err and "share 1 prompt" in capsys.readouterr().err + "share 1 prompt"
+    err = capsys.readouterr().err
+    assert "iter_01.jsonl and" in err and "share 1 prompt" in err, err
     assert not (run_dir / "iter_01" / "generations.jsonl").exists()
 
 

@@ -13,11 +13,13 @@ from conftest import ROOT, load_stage
 from helpers import make_pairs
 from test_train import run_train, train_killed_and_resumed, unet_state
 
+import dpo_loss
+import lora
 import sail_common as sc
 
 pytest.importorskip("peft")
 train = load_stage("04_train")
-PROJECTIONS = tuple(f".{name}.weight" for name in train.LORA_TARGETS)
+PROJECTIONS = tuple(f".{name}.weight" for name in lora.LORA_TARGETS)
 
 
 def unet_inputs(unet, batch=2, seed=0):
@@ -40,14 +42,14 @@ def predict(unet, inputs):
 def test_reference_with_the_adapter_off_equals_a_frozen_copy():
     unet = sc.load_unet(sc.describe_model("tiny-sd15"))
     frozen = copy.deepcopy(unet).requires_grad_(False)
-    train.add_lora(unet, train.lora_config(4, 4.0), seed=0)
+    lora.add_lora(unet, lora.lora_config(4, 4.0), seed=0)
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)  # a trained adapter: B is no longer zero
     inputs = unet_inputs(unet)
     assert not torch.allclose(predict(unet, inputs), predict(frozen, inputs))
-    with train.adapters_off(unet):
+    with dpo_loss.adapters_off(unet):
         assert torch.equal(predict(unet, inputs), predict(frozen, inputs))
     assert not torch.allclose(predict(unet, inputs), predict(frozen, inputs)), "the adapter is back on"
     assert all(("lora_" in n) == p.requires_grad for n, p in unet.named_parameters())
@@ -62,7 +64,7 @@ def test_lora_training_changes_only_the_projections_and_saves_a_plain_unet(tmp_p
               "--lr", 1e-3, "--lora-rank", 4, "--lora-alpha", 8)
     ckpt = tmp_path / "iter_00" / "ckpt"
     info = json.loads((ckpt / "sail.json").read_text())
-    assert info["lora"] == {"rank": 4, "alpha": 8.0, "target_modules": train.LORA_TARGETS}
+    assert info["lora"] == {"rank": 4, "alpha": 8.0, "target_modules": lora.LORA_TARGETS}
 
     # <out>/unet is an ordinary UNet: base weights + alpha / rank * up @ down on the projections only
     trained = UNet2DConditionModel.from_pretrained(ckpt / "unet")

@@ -64,8 +64,13 @@ def test_two_processes_match_one(data):
 def test_killed_two_process_run_resumes(data):
     """What a kill leaves (some images missing, a torn image file; a rank's partial rewards with a
     torn last line) is finished by a rerun with 2 processes into the same files as one clean run."""
-    if not (data / "reward1" / "rewards.jsonl").is_file():
-        pytest.skip("needs test_two_processes_match_one first")
+    if not (data / "reward1" / "rewards.jsonl").is_file():  # run on its own: make what the first test makes, in 1 process
+        launch(1, "01_generate.py", "--ckpt", "tiny-sd15", "--pool", data / "pool.jsonl", "--out", data / "gen1",
+               "--num-candidates", 4, "--gen-batch", 2)
+        launch(1, "04_train.py", "--init", "tiny-sd15", "--pairs", data / "seed" / "pairs.jsonl", "--out", data / "ckpt1",
+               "--max-steps", 3, "--batch-size", 4, "--micro-batch", 1, "--lr", 1e-4)
+        shutil.copytree(data / "gen1", data / "reward1")
+        launch(1, "02_self_reward.py", "--ckpt", data / "ckpt1", "--dir", data / "reward1", "--draws", 3)
     gen = data / "gen_killed"
     shutil.copytree(data / "gen1", gen)
     (gen / "generations.jsonl").unlink()

@@ -19,6 +19,7 @@ from conftest import load_stage
 from PIL import Image
 from torchvision import transforms
 
+import dpo_loss
 import sail_common as sc
 
 train = load_stage("04_train")
@@ -183,7 +184,7 @@ def test_one_dpo_step_matches_the_reference(tmp_path, arch):
     policy, ref_unet = policy_and_reference(path)
     kit_unet, ref_path_unet, calls = copy.deepcopy(policy), copy.deepcopy(policy), []
     hooks = capture_unet_calls(kit_unet, calls)
-    out = train.dpo_micro_batch(kit_unet, ref_unet, sc.forward_process(pipe.scheduler), kit_lat, noise[:n], t[:n],
+    out = dpo_loss.dpo_micro_batch(kit_unet, ref_unet, sc.forward_process(pipe.scheduler), kit_lat, noise[:n], t[:n],
                                 sc.encode_prompts(pipe, prompts, cpu), RES, BETA)
     out.loss.backward()
     hooks += capture_unet_calls(ref_path_unet, calls)
@@ -249,7 +250,7 @@ def test_training_noise_does_not_depend_on_the_shipped_scheduler(tmp_path):
         fp = sc.forward_process(pipe.scheduler)
         cond = sc.encode_prompts(pipe, ["a cat", ""], torch.device("cpu"))
         with torch.no_grad():
-            results.append((fp.add_noise(x0, eps, t), train.dpo_micro_batch(policy, ref_unet, fp, x0, eps[:2], t[:2], cond, RES, BETA).loss))
+            results.append((fp.add_noise(x0, eps, t), dpo_loss.dpo_micro_batch(policy, ref_unet, fp, x0, eps[:2], t[:2], cond, RES, BETA).loss))
     for noisy, loss in results[1:]:
         assert torch.equal(noisy, results[0][0]) and torch.equal(loss, results[0][1])
     reference = DDPMScheduler.from_pretrained(src, subfolder="scheduler")  # train.py L478-479

@@ -154,8 +154,8 @@ def test_resume_with_other_settings_stops_and_names_the_setting(tmp_path, capsys
     with pytest.raises(SystemExit):
         run_train(*argv, flag, new)
     name, err = flag[2:].replace("-", "_"), capsys.readouterr().err
-    assert f"holds work made with " in err and f"{name} = {float(old) if name == 'lr' else int(old)!r}" in err, err
-    assert f"this run has " in err and f"{name} = {float(new) if name == 'lr' else int(new)!r}" in err, err
+    assert "holds work made with " in err and f"{name} = {float(old) if name == 'lr' else int(old)!r}" in err, err
+    assert "this run has " in err and f"{name} = {float(new) if name == 'lr' else int(new)!r}" in err, err
     assert "rerun with the former to continue, or add --restart to discard it" in err
     assert json.loads((partial / "progress.json").read_text()) == {"step": 2} and not (tmp_path / "iter_00" / "ckpt").exists()
     run_train(*argv, flag, old)
