@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import socket
 import sys
@@ -150,7 +151,6 @@ def save_timing(out_dir, stage, count, unit, seconds):
     info = dict(count=count, unit=unit, seconds=round(seconds, 3), rate=round(count / max(seconds, 1e-9), 4))
     if torch.cuda.is_available():
         info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    import resource
     info["peak_ram_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     write_json_atomic(Path(out_dir) / f"{stage}.timing.json", info)
     return info

@@ -103,12 +103,19 @@ def test_ties_within_round_off_and_identical_images_give_no_pair():
     assert self_reward.choose_pair("p", apart, "random", 0, tolerance, same) is None
 
 
-def test_self_reward_stage_gives_no_pair_for_identical_images(tmp_path):
+def trained_run(tmp_path, candidates):
+    """A run whose iteration 0 trained two steps (so that rewards are not all zero) and whose
+    iteration 1 generated `candidates` images per prompt."""
     run_dir = make_run(tmp_path)
     train = load_stage("04_train")
     sc.run_stage(train.locked_main, train.build_parser().parse_args(
         ["--run", str(run_dir), "--iter", "0", "--preset", "tiny-sd15", "--max-steps", "2", "--lr", "1e-4"]))
-    run(generate, "--run", run_dir, "--iter", 1, "--num-candidates", 2)
+    run(generate, "--run", run_dir, "--iter", 1, "--num-candidates", candidates)
+    return run_dir
+
+
+def test_self_reward_stage_gives_no_pair_for_identical_images(tmp_path):
+    run_dir = trained_run(tmp_path, candidates=2)
     folder = run_dir / "iter_01"
     gens = sc.read_jsonl(folder / "generations.jsonl")
     first = [g for g in gens if g["prompt_id"] == gens[0]["prompt_id"]]
@@ -199,11 +206,7 @@ def test_self_reward_stage_refuses_when_every_reward_ties(tmp_path, capsys):
 def test_self_reward_resumes_from_a_killed_run(tmp_path):
     """A partial file with finished prompts and a torn last line: the rerun scores only the rest
     and writes the same files as an uninterrupted run."""
-    run_dir = make_run(tmp_path)
-    train = load_stage("04_train")
-    sc.run_stage(train.locked_main, train.build_parser().parse_args(
-        ["--run", str(run_dir), "--iter", "0", "--preset", "tiny-sd15", "--max-steps", "2", "--lr", "1e-4"]))
-    run(generate, "--run", run_dir, "--iter", 1, "--num-candidates", 3)
+    run_dir = trained_run(tmp_path, candidates=3)
     folder = run_dir / "iter_01"
     run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
     full = {name: (folder / name).read_bytes() for name in ("rewards.jsonl", "pairs.jsonl")}
