@@ -44,9 +44,9 @@ def test_tiny_sd15_two_iterations(tmp_path):
     assert len((run_dir / "iter_01" / "generations.jsonl").read_text().splitlines()) == 3 * 4
 
     # every output and every .json beside it; not the logs, the OS lock each stage takes, or the oracle
-    # report, which the report step writes anew from its cached scores on every run
+    # report and its arguments, which the report step writes anew from its cached scores on every run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "log" not in p.name
-              and p.name not in (".lock", "oracle_report.json")}
+              and p.name not in (".lock", "oracle_report.json", "toy_world.report.args.json")}
     again = run_all(run_dir, "tiny-sd15", 2)
     assert "skipping" in (run_dir / "iter_02" / "log.txt").read_text()
     assert "data (toy world)" not in again
