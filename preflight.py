@@ -97,7 +97,8 @@ def config_differences(pipe, arch):
 def check_model(pipe, arch):
     """The settings the kit relies on. Differences from the released configs are listed (a fine-tune
     may change some on purpose); what would make training wrong stops the preflight."""
-    for setting, got, released in config_differences(pipe, arch):
+    differences = config_differences(pipe, arch)
+    for setting, got, released in differences:
         log.info("note: %s is %r, the released model has %r", setting, got, released)
     unet = pipe.unet.config
     if arch == "sdxl":
@@ -115,7 +116,7 @@ def check_model(pipe, arch):
     if prediction not in ("epsilon", "v_prediction"):
         raise sc.SailError(f"prediction_type '{prediction}' is not supported (epsilon or v_prediction)")
     return dict(noising=type(noising).__name__, sampler_shipped=type(pipe.scheduler).__name__, prediction_type=prediction,
-                differences=[dict(setting=s, found=str(g), released=str(r)) for s, g, r in config_differences(pipe, arch)])
+                differences=[dict(setting=s, found=str(g), released=str(r)) for s, g, r in differences])
 
 
 def stage(module, run, *argv):
