@@ -157,7 +157,6 @@ def main(args):
         if desc["arch"] == "sdxl":
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
         unet, ref_unet = pipe.unet.eval(), sc.load_unet(ref_desc, dtype).to(device).eval()
-        noise_scheduler = sc.forward_process(pipe.scheduler)
         resolution = preset["resolution"]
         start = time.time()
         with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:
@@ -166,7 +165,7 @@ def main(args):
                 images = [sc.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
                 latents = sc.encode_images(pipe.vae, images, device).to(dtype)
                 cond = sc.encode_prompts(pipe, [group[0]["prompt"]], device)
-                reward, se = self_rewards(unet, ref_unet, noise_scheduler, latents, cond, resolution, args.draws, args.beta,
+                reward, se = self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws, args.beta,
                                              seed=sc.derive_seed(args.seed, "draws", pid),
                                              common_draws=not args.no_common_draws, batch_size=args.reward_batch)
                 if not torch.isfinite(reward).all():

@@ -84,7 +84,8 @@ def self_rewards(unet, ref_unet, scheduler, latents, cond, resolution, draws=10,
     """The implicit reward of Eq. 8 for N images of ONE prompt, averaged over `draws` random
     (t, noise) draws: r = -beta/2 * mean_k (e_theta - e_ref). With common_draws, every image uses
     the same K draws (common random numbers: the comparison between images is what matters, and
-    sharing the draws removes most of its variance). `cond` is the prompt's conditioning (batch 1).
+    sharing the draws removes most of its variance). `cond` is the prompt's conditioning (batch 1);
+    `scheduler` is the model's, whatever its class: the draws noise with its DDPM forward process.
     Returns (reward, standard error over the draws), each a float64 tensor of shape (N,)."""
     n_images, k = latents.shape[0], draws
     scheduler = sc.forward_process(scheduler)

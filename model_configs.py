@@ -58,7 +58,6 @@ UNETS = {
                  sample_size=128),
 }
 TEXT_ENCODERS = {"sd15": [CLIP_L], "sdxl": [CLIP_L, OPENCLIP_BIGG]}  # SDXL's second one projects
-RESOLUTION = {"sd15": 512, "sdxl": 1024}
 TIME_IDS = 6  # SDXL: original size (h, w), crop top-left (y, x), target size (h, w)
 
 
