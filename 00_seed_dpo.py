@@ -8,14 +8,14 @@ Command:
 is short for
     python 04_train.py --init toy --pairs runs/toy/seed/pairs.jsonl --out runs/toy/iter_00/ckpt --iter 0
 
-Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy_world.py data, prepare_pickapic.py,
+Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy.py data, prepare_pickapic.py,
         or any pair file in the kit's format), the preset's base model.
 Writes: runs/<run>/iter_00/ckpt/ (unet/, sail.json, train_log.jsonl), iter_00/train.args.json,
         iter_00/log.txt.
 """
 import importlib
 
-import sail_common as sc
+import run_files
 
 train = importlib.import_module("04_train")  # a stage file: its name starts with a digit
 
@@ -32,4 +32,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sc.run_stage(main, build_parser().parse_args())
+    run_files.run_stage(main, build_parser().parse_args())

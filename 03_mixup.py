@@ -29,7 +29,8 @@ import logging
 import random
 from pathlib import Path
 
-import sail_common as sc
+import run_files
+import sail_models as models
 
 log = logging.getLogger("sail")
 
@@ -49,14 +50,14 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        folder = sc.iteration_dir(args.run, args.iter)
+        folder = run_files.iteration_dir(args.run, args.iter)
         args.self_pairs = args.self_pairs or folder / "pairs.jsonl"
-        args.human_pairs = args.human_pairs or sc.seed_pairs_path(args.run)
+        args.human_pairs = args.human_pairs or run_files.seed_pairs_path(args.run)
         args.out = args.out or folder / "train_pairs.jsonl"
     if not (args.self_pairs and args.out and (args.human_pairs or args.human_share == 0)):
-        raise sc.SailError("give --run and --iter, or --self-pairs, --human-pairs and --out")
+        raise run_files.SailError("give --run and --iter, or --self-pairs, --human-pairs and --out")
     if not 0 <= args.human_share < 1:
-        raise sc.SailError(f"--human-share must be in [0, 1), got {args.human_share}")
+        raise run_files.SailError(f"--human-share must be in [0, 1), got {args.human_share}")
     return args
 
 
@@ -79,24 +80,24 @@ def mix(self_rows, human_rows, human_share, max_self, seed):
 def main(args):
     args = resolve_paths(args)
     out = Path(args.out)
-    sc.setup_logging(out.parent, "mixup")
+    run_files.setup_logging(out.parent, "mixup")
     if out.exists():
         log.info("%s exists; skipping (delete it to mix again)", out)
         return
-    self_rows = sc.read_pairs(args.self_pairs)
-    human_rows = sc.read_pairs(args.human_pairs) if args.human_share > 0 else []
+    self_rows = run_files.read_pairs(args.self_pairs)
+    human_rows = run_files.read_pairs(args.human_pairs) if args.human_share > 0 else []
     for rows, path in ((self_rows, args.self_pairs), (human_rows, args.human_pairs)):
         for row in rows:
-            row["origin"] = f"{sc.relative_to(path, out.parent)}:{row['_line']}"
-    sc.save_args(out.parent, "mixup", args)
-    mixed = mix(self_rows, human_rows, args.human_share, args.max_self, sc.derive_seed(args.seed, "mixup", out.parent.name))
+            row["origin"] = f"{run_files.relative_to(path, out.parent)}:{row['_line']}"
+    run_files.save_args(out.parent, "mixup", args)
+    mixed = mix(self_rows, human_rows, args.human_share, args.max_self, models.derive_seed(args.seed, "mixup", out.parent.name))
     lines = []
     for row in mixed:
-        line = sc.strip_private(row)
-        line["image_w"] = sc.relative_to(row["_image_w"], out.parent)
-        line["image_l"] = sc.relative_to(row["_image_l"], out.parent)
+        line = run_files.strip_private(row)
+        line["image_w"] = run_files.relative_to(row["_image_w"], out.parent)
+        line["image_l"] = run_files.relative_to(row["_image_l"], out.parent)
         lines.append(line)
-    sc.write_jsonl_atomic(out, lines)
+    run_files.write_jsonl_atomic(out, lines)
     n_human = sum(r["source"] == "human" for r in lines)
     log.info("wrote %s: %d pairs, %d self + %d human (human share %.3f, asked %.3f)", out, len(lines), len(lines) - n_human,
              n_human, n_human / len(lines), args.human_share)
@@ -104,9 +105,9 @@ def main(args):
 
 def locked_main(args):
     args = resolve_paths(args)
-    with sc.folder_lock(Path(args.out).parent, "mixup"):
+    with run_files.folder_lock(Path(args.out).parent, "mixup"):
         main(args)
 
 
 if __name__ == "__main__":
-    sc.run_stage(locked_main, build_parser().parse_args())
+    run_files.run_stage(locked_main, build_parser().parse_args())

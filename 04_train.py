@@ -3,7 +3,7 @@
 The start model is also the frozen reference (the paper's setting: iteration i trains from
 epsilon^i with epsilon^i as reference). Each pair's two images get the same crop, flip,
 timestep and noise; the preferred and dispreferred halves go through the UNet as one batch,
-the reference runs once per batch without gradients. Loss: dpo_loss.py (beta 5000).
+the reference runs once per batch without gradients. Loss: dpo_maths.py (beta 5000).
 
 The whole UNet is trained by default, as in the paper and DiffusionDPO. --lora-rank R trains a
 LoRA of rank R on the attention projections instead (needs `pip install peft`): the reference is
@@ -39,12 +39,13 @@ import random
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from PIL import Image
 
-import sail_common as sc
-from dpo_loss import dpo_micro_batch, make_optimizer
+import dpo_maths
+import run_files
+import sail_models as models
 from lora import LORA_TARGETS, add_lora, lora_config, save_lora
 
 log = logging.getLogger("sail")
@@ -59,7 +60,7 @@ def build_parser():
     p.add_argument("--init", help="start and reference model: checkpoint folder, preset or pipeline")
     p.add_argument("--pairs", type=Path, help="pair file to train on")
     p.add_argument("--out", type=Path, help="checkpoint folder to write")
-    p.add_argument("--beta", type=float, default=5000.0)
+    p.add_argument("--beta", type=float, default=dpo_maths.BETA)
     p.add_argument("--batch-size", type=int, help="effective batch in pairs (paper: 128)")
     p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process")
     p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
@@ -91,43 +92,13 @@ def resolve_paths(args):
     if args.run is not None and args.iter is not None:
         it = args.iter
         if it == 0 and not (args.init or args.preset):
-            raise sc.SailError("iteration 0 starts from a base model: give --preset (or --init)")
-        args.init = args.init or (args.preset if it == 0 else str(sc.checkpoint_dir(args.run, it - 1)))
-        args.pairs = args.pairs or (sc.seed_pairs_path(args.run) if it == 0 else sc.iteration_dir(args.run, it) / "train_pairs.jsonl")
-        args.out = args.out or sc.checkpoint_dir(args.run, it)
+            raise run_files.SailError("iteration 0 starts from a base model: give --preset (or --init)")
+        args.init = args.init or (args.preset if it == 0 else str(run_files.checkpoint_dir(args.run, it - 1)))
+        args.pairs = args.pairs or (run_files.seed_pairs_path(args.run) if it == 0 else run_files.iteration_dir(args.run, it) / "train_pairs.jsonl")
+        args.out = args.out or run_files.checkpoint_dir(args.run, it)
     if not (args.init and args.pairs and args.out):
-        raise sc.SailError("give --run and --iter, or all of --init, --pairs and --out")
+        raise run_files.SailError("give --run and --iter, or all of --init, --pairs and --out")
     return args
-
-
-def load_pair_pixels(row, resolution, seed, random_crop, flip):
-    """Both images of a pair, each transformed on its own as DiffusionDPO's training transform does
-    (torchvision Resize on the short side, bilinear; CenterCrop or RandomCrop; RandomHorizontalFlip):
-    images of one pair may differ in size and aspect ratio (Pick-a-Pic pairs come from different models)."""
-    rng = random.Random(sc.derive_seed(seed, "augment", row["_index"]))
-    out = []
-    for side in ("_image_w", "_image_l"):
-        img = sc.load_image(row[side], where=f"{row['_file']}:{row['_line']}")
-        img = resize_short_side(img, resolution)
-        w, h = img.size
-        if random_crop:
-            left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-        else:  # torchvision's CenterCrop rounds, it does not floor
-            left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-        img = img.crop((left, top, left + resolution, top + resolution))
-        out.append(img.transpose(Image.FLIP_LEFT_RIGHT) if flip and rng.random() < 0.5 else img)
-    return out
-
-
-def resize_short_side(img, size):
-    """torchvision's Resize(size) on a PIL image: short side to size, long side truncated, PIL bilinear
-    (antialiased). Written out so the kit does not need torchvision for this one call."""
-    w, h = img.size
-    if w <= h:
-        new = (size, int(size * h / w))
-    else:
-        new = (int(size * w / h), size)
-    return img if new == (w, h) else img.resize(new, Image.BILINEAR)
 
 
 def training_settings(args, total_steps, folder):
@@ -137,190 +108,231 @@ def training_settings(args, total_steps, folder):
     names = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
              "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
     return dict({name: getattr(args, name) for name in names}, steps=total_steps,
-                init=sc.model_setting(args.init, folder), pairs=sc.relative_to(args.pairs, folder))
+                init=models.model_setting(args.init, folder), pairs=run_files.relative_to(args.pairs, folder))
 
 
 def main(args):
+    args = resolve_paths(args)
+    if Path(args.out).exists():
+        print(f"{args.out} is finished already; skipping (delete it to train again)")
+        return
+    job = setup(args)
+    for step in run_files.progress(range(job.start_step, job.total_steps), initial=job.start_step, total=job.total_steps,
+                                   desc="train"):
+        totals = train_step(job, step)
+        log_and_save(job, step, totals)
+    finish(job)
+
+
+def setup(args):
+    """Settle the arguments, read the pairs, load the models, and start afresh or resume: the job."""
     from accelerate import Accelerator
 
-    args = resolve_paths(args)
-    out = Path(args.out)
-    if out.exists():
-        print(f"{out} is finished already; skipping (delete it to train again)")
-        return
-    init = sc.describe_model(args.init)
-    preset = sc.get_preset(args.preset or init["preset"] or "sd15")
-    sc.fill_defaults(args, preset, PRESET_KEYS)
+    init = models.describe_model(args.init)
+    preset = models.get_preset(args.preset or init.preset or "sd15")
+    models.fill_defaults(args, preset, PRESET_KEYS)
     args.gradient_checkpointing = args.gradient_checkpointing or preset.get("gradient_checkpointing", False)
     args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
     args.lr = args.lr or args.lr_per_pair * args.batch_size
     if args.lora_rank < 0:
-        raise sc.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
+        raise run_files.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
     args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
-    lora = lora_config(args.lora_rank, args.lora_alpha) if args.lora_rank else None
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    out = Path(args.out)
     if accelerator.is_main_process:
-        sc.setup_logging(out.parent, "train")
-    pairs = sc.read_pairs(args.pairs)
+        run_files.setup_logging(out.parent, "train")
+    pairs = run_files.read_pairs(args.pairs)
     for i, row in enumerate(pairs):
         row["_index"], row["_file"] = i, str(args.pairs)
     per_process = args.batch_size // accelerator.num_processes
     if per_process * accelerator.num_processes != args.batch_size or per_process < 1:
-        raise sc.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
-    micro = min(args.micro_batch or per_process, per_process)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(pairs) / args.batch_size))
-    partial = out.with_name(out.name + ".partial")
+        raise run_files.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+    job = SimpleNamespace(args=args, init=init, accelerator=accelerator, device=accelerator.device, out=out, pairs=pairs,
+                          partial=out.with_name(out.name + ".partial"), micro=min(args.micro_batch or per_process, per_process),
+                          total_steps=args.max_steps or max(1, math.ceil(args.epochs * len(pairs) / args.batch_size)),
+                          latent_cache={}, window=[], start_step=0)
+    load_models(job)
+    resume_or_start(job)
+    job.counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
+    log.info("DPO: %d pairs (%d human, %d self) from %s | init %s | %d steps x %d pairs | lr %.3g | beta %g | %s",
+             len(pairs), job.counts["human"], job.counts["self"], args.pairs, args.init, job.total_steps, args.batch_size,
+             args.lr, args.beta, args.optimizer)
+    job.order = []
+    for epoch in range(math.ceil(job.total_steps * args.batch_size / len(pairs)) + 1):
+        seed = models.derive_seed(args.seed, "order", epoch)
+        job.order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    job.timer = job.loop_start = time.time()
+    return job
 
-    device = accelerator.device
-    frozen_dtype = sc.inference_dtype(device, args.mixed_precision)
-    pipe = sc.load_pipeline(init, device, frozen_dtype)
-    vae = pipe.vae.to(torch.float32) if init["arch"] == "sdxl" else pipe.vae  # SDXL's VAE overflows in fp16
-    unet = sc.load_unet(init, torch.float32)
+
+def load_models(job):
+    """The pipeline (frozen VAE, text encoders; the reference UNet), the trained UNet (whole, or a
+    LoRA on it whose adapter switched off is the reference), the optimizer and its schedule."""
+    args, device = job.args, job.device
+    job.frozen_dtype = models.inference_dtype(device, args.mixed_precision)
+    job.pipe = pipe = models.load_pipeline(job.init, device, job.frozen_dtype, encoding=True)
+    unet = models.load_unet(job.init, torch.float32)
     n_params = sum(p.numel() for p in unet.parameters())
-    sc.check_free_space(out.parent, n_params * 4 * (5 if args.save_every else 2), "the checkpoint and resumable state")
-    if lora:
-        unet = add_lora(unet, lora, args.seed).to(device)
-        ref_unet, ref_dtype = unet, torch.float32  # unwrapped, so switching its adapter off never goes through DDP
+    run_files.check_free_space(job.out.parent, n_params * 4 * (5 if args.save_every else 2), "the checkpoint and resumable state")
+    if args.lora_rank:
+        unet = add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed).to(device)
+        job.ref_unet, job.ref_dtype = unet, torch.float32  # unwrapped, so switching its adapter off never goes through DDP
         pipe.unet = None  # the second copy of the UNet is not needed
         log.info("LoRA rank %d alpha %g on %s: %d trainable of %d parameters", args.lora_rank, args.lora_alpha,
                  "/".join(LORA_TARGETS), sum(p.numel() for p in unet.parameters() if p.requires_grad), n_params)
     else:
         unet = unet.to(device)
-        ref_unet, ref_dtype = pipe.unet.eval().requires_grad_(False), frozen_dtype  # the start model, frozen
-    for module in (vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        job.ref_unet, job.ref_dtype = pipe.unet.eval().requires_grad_(False), job.frozen_dtype  # the start model, frozen
+    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer = make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr, args.weight_decay)
+    optimizer = dpo_maths.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
+                                         args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    unet, optimizer, schedule = accelerator.prepare(unet, optimizer, schedule)
-    noise_scheduler = sc.forward_process(pipe.scheduler)
+    job.unet, job.optimizer, job.schedule = job.accelerator.prepare(unet, optimizer, schedule)
+    job.noise_scheduler = dpo_maths.forward_process(pipe.scheduler)
 
-    start_step = 0
+
+def resume_or_start(job):
+    """Continue a killed run's state made with the same settings (other settings stop), or start one."""
+    args, accelerator, partial = job.args, job.accelerator, job.partial
     if partial.exists() and args.restart and accelerator.is_main_process:
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    settings = training_settings(args, total_steps, out.parent)
+    settings = training_settings(args, job.total_steps, job.out.parent)
     if (partial / "progress.json").is_file():
         if not (partial / "settings.json").is_file():
-            raise sc.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
-        sc.check_settings(partial / "settings.json", settings, "add --restart to discard it")
-        start_step = json.loads((partial / "progress.json").read_text())["step"]
+            raise run_files.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
+        run_files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        job.start_step = json.loads((partial / "progress.json").read_text())["step"]
         accelerator.load_state(str(partial / "state"))
-        log.info("resuming from %s at step %d", partial, start_step)
+        log.info("resuming from %s at step %d", partial, job.start_step)
     elif accelerator.is_main_process:
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "train_log.jsonl").write_text("")
-        sc.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        run_files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
     if accelerator.is_main_process:
-        sc.save_args(out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(pairs))
-    counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
-    log.info("DPO: %d pairs (%d human, %d self) from %s | init %s | %d steps x %d pairs | lr %.3g | beta %g | %s",
-             len(pairs), counts["human"], counts["self"], args.pairs, args.init, total_steps, args.batch_size,
-             args.lr, args.beta, args.optimizer)
+        run_files.save_args(job.out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(job.pairs))
 
-    order = []
-    for epoch in range(math.ceil(total_steps * args.batch_size / len(pairs)) + 1):
-        order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(sc.derive_seed(args.seed, "order", epoch))).tolist()
-    latent_cache = {}
 
-    def pair_latents(rows):
-        todo = [r for r in rows if r["_index"] not in latent_cache]
-        if todo:
-            images = [img for r in todo for img in load_pair_pixels(r, args.resolution, args.seed, args.random_crop, not args.no_flip)]
-            gens = [torch.Generator().manual_seed(sc.derive_seed(args.seed, "vae", r["_index"], side)) for r in todo for side in "wl"]
-            lat = sc.encode_images(vae, images, device, sample_generator=gens).to(frozen_dtype)
-            for j, r in enumerate(todo):
-                latent_cache[r["_index"]] = lat[2 * j:2 * j + 2].cpu() if device.type != "cpu" else lat[2 * j:2 * j + 2]
-        batch = torch.stack([latent_cache[r["_index"]] for r in rows]).to(device)
-        if args.no_cache_latents:
-            latent_cache.clear()
-        return torch.cat([batch[:, 0], batch[:, 1]]).float()  # all preferred first, then all dispreferred
+def pair_latents(job, rows):
+    """VAE latents of the pairs' transformed images, cached unless --no-cache-latents: (2B, C, h, w),
+    all preferred images first, then all dispreferred."""
+    args, cache = job.args, job.latent_cache
+    todo = [r for r in rows if r["_index"] not in cache]
+    if todo:
+        images = [img for r in todo for img in dpo_maths.load_pair_pixels(r, args.resolution, args.seed, args.random_crop, not args.no_flip)]
+        gens = [torch.Generator().manual_seed(models.derive_seed(args.seed, "vae", r["_index"], side)) for r in todo for side in "wl"]
+        lat = dpo_maths.encode_images(job.pipe.vae, images, job.device, sample_generator=gens).to(job.frozen_dtype)
+        for j, r in enumerate(todo):
+            cache[r["_index"]] = lat[2 * j:2 * j + 2].cpu() if job.device.type != "cpu" else lat[2 * j:2 * j + 2]
+    batch = torch.stack([cache[r["_index"]] for r in rows]).to(job.device)
+    if args.no_cache_latents:
+        cache.clear()
+    return torch.cat([batch[:, 0], batch[:, 1]]).float()
 
-    timer, window, loop_start = time.time(), [], time.time()
-    for step in sc.progress(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train"):
-        step_rows = [pairs[i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
-        mine = step_rows[accelerator.process_index::accelerator.num_processes]
-        stats = []
-        for m in range(0, len(mine), micro):
-            rows = mine[m:m + micro]
-            prompts = ["" if random.Random(sc.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
-                       else r["prompt"] for r in rows]
-            latents = pair_latents(rows)
-            # noise and timestep depend on (step, pair) only: the same for any number of processes
-            gens = [torch.Generator().manual_seed(sc.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
-            noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device)
-            t = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
-            cond = sc.encode_prompts(pipe, prompts, device)
-            last = m + micro >= len(mine)
-            with accelerator.autocast(), (contextlib.nullcontext() if last else accelerator.no_sync(unet)):
-                result = dpo_micro_batch(unet, ref_unet, noise_scheduler, latents, noise, t.to(device), cond,
-                                         args.resolution, args.beta, ref_dtype, lora_reference=bool(args.lora_rank))
-                accelerator.backward(result.loss * len(rows) / len(mine))
-            stats.append([x.item() * len(rows) for x in result[:3]])
-        finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
-        if accelerator.reduce(finite, "min").item() < 1:
-            raise sc.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
-                               f"no checkpoint written. Lower --lr or use --mixed-precision no/bf16")
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        totals = accelerator.reduce(torch.tensor([sum(c) for c in zip(*stats)], device=device), "sum") / args.batch_size
-        window.append(totals.tolist())
-        if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == total_steps):
-            mean = [sum(col) / len(window) for col in zip(*window)]
-            rate = len(window) * args.batch_size / (time.time() - timer)
-            row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
-                       lr=schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
-            log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
-                     step + 1, total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
-            with open(partial / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            timer, window = time.time(), []
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            accelerator.wait_for_everyone()
-            tmp_state = partial / "state.tmp"
-            accelerator.save_state(str(tmp_state))
-            if accelerator.is_main_process:
-                shutil.rmtree(partial / "state", ignore_errors=True)
-                tmp_state.rename(partial / "state")
-                sc.write_json_atomic(partial / "progress.json", {"step": step + 1})
 
+def train_step(job, step):
+    """One optimizer step on --batch-size pairs, in micro batches; returns the batch's mean loss,
+    implicit accuracy and reward margin."""
+    args, accelerator, device = job.args, job.accelerator, job.device
+    step_rows = [job.pairs[i] for i in job.order[step * args.batch_size:(step + 1) * args.batch_size]]
+    mine = step_rows[accelerator.process_index::accelerator.num_processes]
+    stats = []
+    for m in range(0, len(mine), job.micro):
+        rows = mine[m:m + job.micro]
+        prompts = ["" if random.Random(models.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
+                   else r["prompt"] for r in rows]
+        latents = pair_latents(job, rows)
+        # noise and timestep depend on (step, pair) only: the same for any number of processes
+        gens = [torch.Generator().manual_seed(models.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
+        noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device)
+        t = torch.cat([torch.randint(0, job.noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
+        cond = dpo_maths.encode_prompts(job.pipe, prompts, device)
+        last = m + job.micro >= len(mine)
+        with accelerator.autocast(), (contextlib.nullcontext() if last else accelerator.no_sync(job.unet)):
+            result = dpo_maths.dpo_micro_batch(job.unet, job.ref_unet, job.noise_scheduler, latents, noise, t.to(device),
+                                               cond, args.resolution, args.beta, job.ref_dtype,
+                                               lora_reference=bool(args.lora_rank))
+            accelerator.backward(result.loss * len(rows) / len(mine))
+        stats.append([x.item() * len(rows) for x in result[:3]])
+    finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
+    if accelerator.reduce(finite, "min").item() < 1:
+        raise run_files.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
+                                  f"no checkpoint written. Lower --lr or use --mixed-precision no/bf16")
+    if args.max_grad_norm:
+        accelerator.clip_grad_norm_(job.unet.parameters(), args.max_grad_norm)
+    job.optimizer.step()
+    job.schedule.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return (accelerator.reduce(torch.tensor([sum(c) for c in zip(*stats)], device=device), "sum") / args.batch_size).tolist()
+
+
+def log_and_save(job, step, totals):
+    """Log the mean of the last --log-every steps (log and train_log.jsonl); every --save-every
+    steps, the resumable state."""
+    args, accelerator, partial = job.args, job.accelerator, job.partial
+    job.window.append(totals)
+    if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == job.total_steps):
+        mean = [sum(col) / len(job.window) for col in zip(*job.window)]
+        rate = len(job.window) * args.batch_size / (time.time() - job.timer)
+        row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
+                   lr=job.schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
+        log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
+                 step + 1, job.total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
+        with open(partial / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        job.timer, job.window = time.time(), []
+    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < job.total_steps:
+        accelerator.wait_for_everyone()
+        tmp_state = partial / "state.tmp"
+        accelerator.save_state(str(tmp_state))
+        if accelerator.is_main_process:
+            shutil.rmtree(partial / "state", ignore_errors=True)
+            tmp_state.rename(partial / "state")
+            run_files.write_json_atomic(partial / "progress.json", {"step": step + 1})
+
+
+def finish(job):
+    """Write the checkpoint (the LoRA merged in, the adapter beside it) with where it came from."""
+    args, accelerator, init, partial, out = job.args, job.accelerator, job.init, job.partial, job.out
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        sc.save_timing(out.parent, "train", (total_steps - start_step) * args.batch_size, "pairs", time.time() - loop_start)
-        info = dict(base_model=init["base_model"], arch=init["arch"], preset=args.preset or init["preset"],
-                    parent=init["ckpt"] or init["base_model"], iteration=args.iter if args.iter is not None else 0 if init["iteration"] is None else init["iteration"] + 1,
-                    pairs=str(args.pairs), pair_counts=counts, steps=total_steps, effective_batch=args.batch_size, lr=args.lr,
-                    beta=args.beta, optimizer=args.optimizer, num_processes=accelerator.num_processes,
-                    lora=dict(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=LORA_TARGETS) if args.lora_rank else None,
-                    args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-        model = accelerator.unwrap_model(unet)
-        if args.lora_rank:
-            shutil.rmtree(partial / "lora", ignore_errors=True)
-            save_lora(model, partial / "lora", init["arch"])
-            model.fuse_lora()  # W += alpha / rank * B A, then plain layers again: an ordinary UNet2DConditionModel
-            model.unload_lora()
-        sc.save_checkpoint(model, out, info)
-        shutil.move(str(partial / "train_log.jsonl"), out / "train_log.jsonl")
-        if args.lora_rank:
-            shutil.move(str(partial / "lora"), out / "lora")
-        shutil.rmtree(partial, ignore_errors=True)
-        log.info("wrote %s", out)
-        if args.export_pipeline:
-            sc.export_pipeline(out, args.export_pipeline)
-            log.info("wrote full pipeline %s", args.export_pipeline)
+    if not accelerator.is_main_process:
+        return
+    run_files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs",
+                          time.time() - job.loop_start)
+    iteration = args.iter if args.iter is not None else 0 if init.iteration is None else init.iteration + 1
+    info = dict(base_model=init.base_model, arch=init.arch, preset=args.preset or init.preset,
+                parent=init.ckpt or init.base_model, iteration=iteration, pairs=str(args.pairs), pair_counts=job.counts,
+                steps=job.total_steps, effective_batch=args.batch_size, lr=args.lr, beta=args.beta, optimizer=args.optimizer,
+                num_processes=accelerator.num_processes,
+                lora=dict(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=LORA_TARGETS) if args.lora_rank else None,
+                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    model = accelerator.unwrap_model(job.unet)
+    if args.lora_rank:
+        shutil.rmtree(partial / "lora", ignore_errors=True)
+        save_lora(model, partial / "lora", init.arch)
+        model.fuse_lora()  # W += alpha / rank * B A, then plain layers again: an ordinary UNet2DConditionModel
+        model.unload_lora()
+    models.save_checkpoint(model, out, info)
+    shutil.move(str(partial / "train_log.jsonl"), out / "train_log.jsonl")
+    if args.lora_rank:
+        shutil.move(str(partial / "lora"), out / "lora")
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("wrote %s", out)
+    if args.export_pipeline:
+        models.export_pipeline(out, args.export_pipeline)
+        log.info("wrote full pipeline %s", args.export_pipeline)
 
 
 def locked_main(args):
     args = resolve_paths(args)
-    with sc.folder_lock(Path(args.out).parent, "train"):
+    with run_files.folder_lock(Path(args.out).parent, "train"):
         main(args)
 
 
 if __name__ == "__main__":
-    sc.run_stage(locked_main, build_parser().parse_args())
+    run_files.run_stage(locked_main, build_parser().parse_args())

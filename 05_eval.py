@@ -23,6 +23,7 @@ there; <ckpt>/reward_accuracy.json and reward_accuracy.md; 05_eval.args.json, lo
 Rerun: finished images, scores and reward accuracies are reused; other generation settings are refused.
 """
 import argparse
+import dataclasses
 import gc
 import json
 from pathlib import Path
@@ -32,13 +33,12 @@ import torch
 from PIL import Image
 
 import scorers
-from dpo_loss import self_rewards
-from sail_common import (PRESETS, SailError, derive_seed, describe_model, encode_images, encode_prompts, folder_lock,
-                         image_is_complete, image_name, inference_dtype, iteration_checkpoints, iteration_name,
-                         iteration_number, load_image, load_pipeline, load_unet, log, pick_device,
-                         progress, read_checkpoint_info, read_jsonl, read_pairs, run_stage, save_args,
-                         save_image_atomic, setup_logging, strip_private, write_json_atomic,
-                         write_jsonl_atomic)
+from dpo_maths import BETA, encode_images, encode_prompts, self_rewards
+from run_files import (SailError, folder_lock, image_is_complete, image_name, iteration_checkpoints, iteration_name,
+                       iteration_number, load_image, log, progress, read_jsonl, read_pairs, run_stage, save_args,
+                       save_image_atomic, setup_logging, strip_private, write_json_atomic, write_jsonl_atomic)
+from sail_models import (PRESETS, derive_seed, draw_images, describe_model, inference_dtype, load_pipeline, load_unet, pick_device,
+                         read_checkpoint_info)
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 BENCHMARKS = {"parti": "parti.jsonl", "hps-anime": "hpsv2_anime.jsonl", "hps-concept-art": "hpsv2_concept-art.jsonl",
@@ -93,8 +93,8 @@ def resolve_checkpoints(args):
     ckpts = {}
     for spec in specs:
         desc = describe_model(spec)
-        folder = Path(desc["ckpt"] or ".")
-        name = (iteration_name(int(desc["iteration"])) if desc["iteration"] is not None else "base" if not desc["ckpt"]
+        folder = Path(desc.ckpt or ".")
+        name = (iteration_name(int(desc.iteration)) if desc.iteration is not None else "base" if not desc.ckpt
                 else folder.parent.name if folder.name == "ckpt" else folder.name)
         if name in ckpts:
             raise SailError(f"two checkpoints are both named {name}: {spec} and {ckpts[name]['ckpt'] or 'the base'}")
@@ -103,7 +103,7 @@ def resolve_checkpoints(args):
 
 
 def preset_of(desc):
-    return PRESETS.get(desc["preset"]) or PRESETS[desc["arch"]]  # the sd15/sdxl presets carry the arch's name
+    return PRESETS.get(desc.preset) or PRESETS[desc.arch]  # the sd15/sdxl presets carry the arch's name
 
 
 def model_order(name):
@@ -126,14 +126,9 @@ def generate(desc, bench_dir, rows, settings, gen_batch, device, pipe_cache):
     if todo and "pipe" not in pipe_cache:
         dtype = inference_dtype(device, preset_of(desc)["mixed_precision"])
         pipe_cache["pipe"] = load_pipeline(desc, device, dtype, sampler=settings["sampler"])
-    for start in progress(range(0, len(todo), gen_batch), desc="generate"):
-        batch = todo[start:start + gen_batch]
-        generators = [torch.Generator().manual_seed(j[2]) for j in batch]
-        with torch.inference_mode():
-            images = pipe_cache["pipe"](prompt=[j[0] for j in batch], generator=generators, guidance_scale=settings["cfg"],
-                                        num_inference_steps=settings["steps"], height=settings["resolution"],
-                                        width=settings["resolution"]).images
-        for (_, path, _), image in zip(batch, images):
+    for first, images in draw_images(pipe_cache["pipe"], [j[0] for j in todo], [j[2] for j in todo], settings["steps"],
+                                     settings["cfg"], settings["resolution"], gen_batch):
+        for (_, path, _), image in zip(todo[first:], images):
             save_image_atomic(image, path)
 
 
@@ -220,9 +215,8 @@ def reward_accuracy(args, ckpts, out, device):
                 continue
         preset, res = preset_of(desc), args.resolution or preset_of(desc)["resolution"]
         dtype = inference_dtype(device, preset["mixed_precision"])
-        pipe = load_pipeline(desc, device, dtype, sampler="ddpm")  # as 02_self_reward: DDPM noising, fp32 SDXL VAE
-        pipe.vae.to(torch.float32 if desc["arch"] == "sdxl" else dtype)
-        ref = load_unet(dict(desc, unet=None), dtype).to(device).eval()
+        pipe = load_pipeline(desc, device, dtype, sampler="ddpm", encoding=True)  # as 02_self_reward
+        ref = load_unet(dataclasses.replace(desc, unet=None, ckpt=None), dtype).to(device).eval()
         margins = {(k, c): [] for k in args.draws for c in modes}
         for i, pair in enumerate(progress(pairs, desc=f"reward {name}")):
             images = [fit(load_image(pair[f"_image_{s}"]), res) for s in "wl"]
@@ -257,7 +251,7 @@ def evaluate(args, ckpts, out, device):
     settings = dict(sampler=args.sampler or preset["sampler"], steps=args.steps or preset["steps"],
                     cfg=preset["cfg"] if args.cfg is None else args.cfg, resolution=args.resolution or preset["resolution"],
                     seed=args.seed, images_per_prompt=args.images_per_prompt)
-    metrics = args.metrics or PRESET_METRICS.get(first["preset"], PAPER_METRICS)
+    metrics = args.metrics or PRESET_METRICS.get(first.preset, PAPER_METRICS)
     for metric in metrics:
         scorers.check_metric(metric)
     groups = {spec: [(n, rows[:args.limit] if args.limit else rows) for n, rows in read_benchmark(spec, args.run)]
@@ -284,7 +278,7 @@ def evaluate(args, ckpts, out, device):
             values = {m: per_prompt(out / name / bench, m) for m in metrics}
             write_json_atomic(out / name / bench / "eval.json", dict(
                 benchmark=bench, checkpoint=name, generation=settings, n_prompts=len(rows),
-                model={k: desc[k] for k in ("ckpt", "base_model", "preset", "iteration")}, per_prompt_scores="scores.jsonl",
+                model={k: getattr(desc, k) for k in ("ckpt", "base_model", "preset", "iteration")}, per_prompt_scores="scores.jsonl",
                 metrics={m: scorers.summarize([v[r["prompt_id"]] for r in rows], args.bootstrap) for m, v in values.items()}))
     for group, members in groups.items():
         report(out, group if group in GROUPS else members[0][0], members, metrics, settings, args)
@@ -297,7 +291,7 @@ def main(args):
         raise SailError("--scorer-path takes METRIC=PATH")
     ckpts = resolve_checkpoints(args)
     out = (Path(args.out) if args.out else Path(args.run) / "eval" if args.run else
-           next((Path(d["ckpt"]).resolve().parent.parent / "eval" for d in ckpts.values() if d["ckpt"]), None))
+           next((Path(d.ckpt).resolve().parent.parent / "eval" for d in ckpts.values() if d.ckpt), None))
     if out is None:
         raise SailError("--out (or --run) is needed when no checkpoint folder of a run is given")
     with folder_lock(out, "05_eval"):
@@ -335,7 +329,7 @@ def build_parser():
     p.add_argument("--draws", type=int, nargs="+", default=[10, 20, 30], help="K (t, noise) draws per image (Figure 5)")
     p.add_argument("--common-draws", choices=["yes", "no", "both"], default="both",
                    help="the two images of a pair share their K draws (common random numbers), or not, or both")
-    p.add_argument("--beta", type=float, default=5000.0)
+    p.add_argument("--beta", type=float, default=BETA)
     p.add_argument("--device", help="default: cuda if available")
     return p
 

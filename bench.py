@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 import model_configs
-import sail_common as sc
-from dpo_loss import dpo_micro_batch, make_optimizer, per_sample_error, self_rewards
+import dpo_maths
+import run_files
+import sail_models as models
 
 
 # The released architectures come from model_configs.py. Parameters: SD1.5 UNet 859,520,964,
@@ -65,7 +66,7 @@ def random_weights_pipeline(arch, device, dtype, sampler):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
     with tempfile.TemporaryDirectory() as folder:
-        sc.write_byte_tokenizer(Path(folder))
+        models.write_byte_tokenizer(Path(folder))
         tokenizers = [CLIPTokenizer(f"{folder}/vocab.json", f"{folder}/merges.txt", **t)
                       for t in model_configs.TOKENIZERS[arch]]
     torch.manual_seed(0)
@@ -123,34 +124,34 @@ def paper_run_estimate(arch, rates, epochs, batch=128):
 def main(args):
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()
-    device = sc.pick_device()
-    preset = sc.get_preset(args.preset)
-    dtype = sc.inference_dtype(device, preset["mixed_precision"])
+    device = models.pick_device()
+    preset = models.get_preset(args.preset)
+    dtype = models.inference_dtype(device, preset["mixed_precision"])
     if args.random_weights:
         pipe, unet = random_weights_pipeline(preset["arch"], device, dtype, preset["sampler"])
     else:
-        desc = sc.describe_model(args.preset)
-        pipe = sc.load_pipeline(desc, device, dtype, sampler=preset["sampler"])
-        unet = sc.load_unet(desc, torch.float32).to(device)
+        desc = models.describe_model(args.preset)
+        pipe = models.load_pipeline(desc, device, dtype, sampler=preset["sampler"])
+        unet = models.load_unet(desc, torch.float32).to(device)
     res, pairs, n_img = preset["resolution"], args.pairs or preset["micro_batch"], args.images or preset["gen_batch"]
     unet.train()
     if args.gradient_checkpointing or preset.get("gradient_checkpointing"):  # on for sdxl, as in 04_train.py
         unet.enable_gradient_checkpointing()
     ref = pipe.unet.eval()
-    opt = make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
+    opt = dpo_maths.make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
     pixels = torch.rand(2 * pairs, 3, res, res, device=device) * 2 - 1
-    cond = sc.encode_prompts(pipe, ["a red square on the left"] * pairs, device)
+    cond = dpo_maths.encode_prompts(pipe, ["a red square on the left"] * pairs, device)
     with torch.no_grad():
         cached = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
     t = torch.randint(0, 1000, (pairs,), device=device)
     noise = torch.randn_like(cached[:pairs])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    noise_scheduler = sc.forward_process(pipe.scheduler)
+    noise_scheduler = dpo_maths.forward_process(pipe.scheduler)
 
     def ours():  # the micro-batch step 04_train.py runs
         with autocast:
-            loss = dpo_micro_batch(unet, ref, noise_scheduler, cached.float(), noise, t, cond, res, 5000.0, dtype).loss
+            loss = dpo_maths.dpo_micro_batch(unet, ref, noise_scheduler, cached.float(), noise, t, cond, res, dpo_maths.BETA, dtype).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -163,8 +164,8 @@ def main(args):
             x = noise_scheduler.add_noise(half.float(), noise, t)
             with autocast:
                 with torch.no_grad():
-                    ref_err = per_sample_error(sc.unet_call(ref, x.to(dtype), t, {k: v.to(dtype) for k, v in cond.items()}, res), noise)
-                errs.append((per_sample_error(sc.unet_call(unet, x, t, cond, res), noise), ref_err))
+                    ref_err = dpo_maths.per_sample_error(dpo_maths.unet_call(ref, x.to(dtype), t, {k: v.to(dtype) for k, v in cond.items()}, res), noise)
+                errs.append((dpo_maths.per_sample_error(dpo_maths.unet_call(unet, x, t, cond, res), noise), ref_err))
         inside = -2500.0 * ((errs[0][0] - errs[0][1]) - (errs[1][0] - errs[1][1]))
         (-torch.nn.functional.logsigmoid(inside).mean()).backward()
         opt.step()
@@ -178,7 +179,7 @@ def main(args):
         try:
             a, b = timed(fn_ours, repeats), timed(fn_naive, repeats)
         except torch.cuda.OutOfMemoryError:
-            raise sc.SailError(f"out of GPU memory in {work} ({pairs} pairs, {n_img} images): "
+            raise run_files.SailError(f"out of GPU memory in {work} ({pairs} pairs, {n_img} images): "
                                "use fewer --pairs / --images, or --gradient-checkpointing") from None
         rows.append((work, unit, count / a, count / b, peak_memory_mb()))
 
@@ -193,18 +194,18 @@ def main(args):
 
     lat = cached[:1].repeat(N_IMAGES, 1, 1, 1)
     with torch.inference_mode():
-        one = sc.encode_prompts(pipe, ["a red square on the left"], device)
+        one = dpo_maths.encode_prompts(pipe, ["a red square on the left"], device)
 
         def score_naive():
             for i in range(lat.shape[0]):
                 for k in range(DRAWS):
-                    c = sc.encode_prompts(pipe, ["a red square on the left"], device)
+                    c = dpo_maths.encode_prompts(pipe, ["a red square on the left"], device)
                     tk = torch.randint(0, 1000, (1,), device=device)
                     x = noise_scheduler.add_noise(lat[i:i + 1].to(dtype), noise[:1].to(dtype), tk)
-                    per_sample_error(sc.unet_call(scored, x, tk, c, res), noise[:1])
-                    per_sample_error(sc.unet_call(ref, x, tk, c, res), noise[:1])
+                    dpo_maths.per_sample_error(dpo_maths.unet_call(scored, x, tk, c, res), noise[:1])
+                    dpo_maths.per_sample_error(dpo_maths.unet_call(ref, x, tk, c, res), noise[:1])
         measure(f"self-reward (K={DRAWS})", "rewards/s", lat.shape[0],
-                lambda: self_rewards(scored, ref, pipe.scheduler, lat.to(dtype), one, res, DRAWS,
+                lambda: dpo_maths.self_rewards(scored, ref, pipe.scheduler, lat.to(dtype), one, res, DRAWS,
                                         batch_size=preset["reward_batch"]), score_naive)
 
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
@@ -240,4 +241,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    sc.run_stage(main, build_parser().parse_args())
+    run_files.run_stage(main, build_parser().parse_args())

@@ -2,7 +2,8 @@
 adapter alone saved in the layout `pipe.load_lora_weights(folder)` reads. peft is needed only here."""
 import torch
 
-from sail_common import SailError, derive_seed
+from run_files import SailError
+from sail_models import derive_seed
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every transformer block
 

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 import model_configs
-import sail_common as sc
+import dpo_maths
+import run_files
+import sail_models as models
 import scorers
 
 log = logging.getLogger("sail")
@@ -68,10 +70,10 @@ class Units:
         start = time.time()
         try:
             result = fn()
-        except sc.SailError as err:
-            raise sc.SailError(f"preflight stopped at '{name}': {err}") from None
+        except run_files.SailError as err:
+            raise run_files.SailError(f"preflight stopped at '{name}': {err}") from None
         except Exception as err:  # an unexpected library error: still one line, with its kind
-            raise sc.SailError(f"preflight stopped at '{name}': {type(err).__name__}: {err}") from err
+            raise run_files.SailError(f"preflight stopped at '{name}': {type(err).__name__}: {err}") from err
         seconds = time.time() - start
         self.rows.append(dict(unit=name, seconds=round(seconds, 2), peak_gib=round(peak_memory(), 2)))
         log.info("ok  %-28s %8.1f s   peak %.2f GiB", name, seconds, self.rows[-1]["peak_gib"])
@@ -104,17 +106,17 @@ def check_model(pipe, arch):
     if arch == "sdxl":
         expected = model_configs.TIME_IDS * unet.addition_time_embed_dim + pipe.text_encoder_2.config.projection_dim
         if unet.projection_class_embeddings_input_dim != expected:
-            raise sc.SailError(f"the UNet takes {unet.projection_class_embeddings_input_dim} added inputs, not 6 time ids "
+            raise run_files.SailError(f"the UNet takes {unet.projection_class_embeddings_input_dim} added inputs, not 6 time ids "
                                f"x {unet.addition_time_embed_dim} + the pooled text ({expected}): not an SDXL base UNet")
-    noising = sc.forward_process(pipe.scheduler)
+    noising = dpo_maths.forward_process(pipe.scheduler)
     abar = noising.alphas_cumprod[999].item()
     noisy = noising.add_noise(torch.ones(1, 1), torch.zeros(1, 1), torch.tensor([999]))
     if abs(noisy.item() - math.sqrt(abar)) > 1e-6 or abar > 0.01:
-        raise sc.SailError(f"training would noise with {type(noising).__name__} (x0 scale {noisy.item():.4f} at t = 999, "
+        raise run_files.SailError(f"training would noise with {type(noising).__name__} (x0 scale {noisy.item():.4f} at t = 999, "
                            f"expected sqrt(abar) = {math.sqrt(abar):.4f} with abar < 0.01)")
     prediction = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
-        raise sc.SailError(f"prediction_type '{prediction}' is not supported (epsilon or v_prediction)")
+        raise run_files.SailError(f"prediction_type '{prediction}' is not supported (epsilon or v_prediction)")
     return dict(noising=type(noising).__name__, sampler_shipped=type(pipe.scheduler).__name__, prediction_type=prediction,
                 differences=[dict(setting=s, found=str(g), released=str(r)) for s, g, r in differences])
 
@@ -127,7 +129,7 @@ def stage(module, run, *argv):
     try:
         entry(mod.build_parser().parse_args([str(a) for a in argv]))
     finally:
-        sc.setup_logging(run, "preflight")
+        run_files.setup_logging(run, "preflight")
 
 
 def installed_metrics(names):
@@ -136,65 +138,65 @@ def installed_metrics(names):
         try:
             scorers.check_metric(name)
             usable.append(name)
-        except sc.SailError as err:
+        except run_files.SailError as err:
             log.info("skip metric %s: %s", name, err)
     return usable
 
 
 def score_images(metric, run, device):
-    gens = sc.read_jsonl(run / "base" / "generations.jsonl")
-    images = [sc.load_image(run / "base" / g["image"]) for g in gens]
+    gens = run_files.read_jsonl(run / "base" / "generations.jsonl")
+    images = [run_files.load_image(run / "base" / g["image"]) for g in gens]
     values = scorers.load_scorer(metric, device=device)([g["prompt"] for g in gens], images)
     bad = [g["image"] for g, v in zip(gens, values) if not math.isfinite(v)]
     if bad:
-        raise sc.SailError(f"{metric} gave a non-finite score to {bad[0]}")
+        raise run_files.SailError(f"{metric} gave a non-finite score to {bad[0]}")
     return values
 
 
 def reload_checkpoint(ckpt, preset):
-    desc = sc.describe_model(ckpt)
-    trained, base = sc.load_unet(desc).state_dict(), sc.load_unet(sc.describe_model(preset)).state_dict()
+    desc = models.describe_model(ckpt)
+    trained, base = models.load_unet(desc).state_dict(), models.load_unet(models.describe_model(preset)).state_dict()
     if not all(torch.isfinite(v).all() for v in trained.values()):
-        raise sc.SailError(f"{ckpt}: the saved UNet holds non-finite weights")
+        raise run_files.SailError(f"{ckpt}: the saved UNet holds non-finite weights")
     if all(torch.equal(trained[k], base[k]) for k in base):
-        raise sc.SailError(f"{ckpt}: two DPO steps changed no weight")
+        raise run_files.SailError(f"{ckpt}: two DPO steps changed no weight")
 
 
 def main(args):
-    preset = sc.get_preset(args.preset)
+    preset = models.get_preset(args.preset)
     run = Path(args.out or f"runs/preflight-{args.preset}")
     if run.is_dir() and any(run.iterdir()) and not (run / "preflight.args.json").is_file():
-        raise sc.SailError(f"{run} exists and is not a preflight folder; not replacing it (choose another --out)")
+        raise run_files.SailError(f"{run} exists and is not a preflight folder; not replacing it (choose another --out)")
     shutil.rmtree(run, ignore_errors=True)
-    sc.setup_logging(run, "preflight")
-    sc.save_args(run, "preflight", args)
-    device = sc.pick_device()
+    run_files.setup_logging(run, "preflight")
+    run_files.save_args(run, "preflight", args)
+    device = models.pick_device()
     units = Units()
     log.info("preflight of preset %s (%s) on %s", args.preset, preset["model"],
              torch.cuda.get_device_name() if torch.cuda.is_available() else "the CPU")
-    desc = units.run("load model", lambda: sc.describe_model(args.preset))
-    pipe = units.run("load pipeline", lambda: sc.load_pipeline(desc, device, sc.inference_dtype(device, preset["mixed_precision"])))
-    checks = units.run("check configs and noising", lambda: check_model(pipe, desc["arch"]))
+    desc = units.run("load model", lambda: models.describe_model(args.preset))
+    pipe = units.run("load pipeline", lambda: models.load_pipeline(desc, device, models.inference_dtype(device, preset["mixed_precision"])))
+    checks = units.run("check configs and noising", lambda: check_model(pipe, desc.arch))
     pipe = None  # frees it: the stages load their own
 
-    sc.write_jsonl_atomic(run / "pools" / "base.jsonl", [dict(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)])
+    run_files.write_jsonl_atomic(run / "pools" / "base.jsonl", [dict(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)])
     units.run("01 generate 2x2 images", lambda: stage("01_generate", run, "--ckpt", args.preset, "--pool", run / "pools" / "base.jsonl",
                                                         "--out", run / "base", "--num-candidates", 2))
-    gens = sc.read_jsonl(run / "base" / "generations.jsonl")
-    sc.write_jsonl_atomic(sc.seed_pairs_path(run), [
+    gens = run_files.read_jsonl(run / "base" / "generations.jsonl")
+    run_files.write_jsonl_atomic(run_files.seed_pairs_path(run), [
         dict(prompt=g["prompt"], prompt_id=g["prompt_id"], image_w=f"../base/{g['image']}",
              image_l=f"../base/{h['image']}", source="human") for g, h in zip(gens[0::2], gens[1::2])])
     units.run("00 seed DPO, 2 steps", lambda: stage("00_seed_dpo", run, "--run", run, "--preset", args.preset,
                                                       "--max-steps", 2, "--batch-size", 2, "--lr", 1e-5, "--save-every", 0))
-    ckpt = sc.checkpoint_dir(run, 0)
+    ckpt = run_files.checkpoint_dir(run, 0)
     units.run("reload the checkpoint", lambda: reload_checkpoint(ckpt, args.preset))
     units.run("02 self-reward, K=2", lambda: stage("02_self_reward", run, "--ckpt", ckpt, "--dir", run / "base",
                                                     "--draws", PREFLIGHT_DRAWS))
     tiny = args.preset.startswith("tiny")
     metrics = args.metrics.split(",") if args.metrics else installed_metrics(TINY_METRICS if tiny else REAL_METRICS)
     scores = {m: units.run(f"score {m}", lambda m=m: score_images(m, run, device)) for m in metrics}
-    estimate = rough_estimate(run, desc["arch"])
-    sc.write_json_atomic(run / "preflight.json", dict(preset=args.preset, model=preset["model"], checks=checks,
+    estimate = rough_estimate(run, desc.arch)
+    run_files.write_json_atomic(run / "preflight.json", dict(preset=args.preset, model=preset["model"], checks=checks,
                                                        units=units.rows, scores=scores, estimate=estimate))
     log.info("preflight passed: %d units; wrote %s", len(units.rows), run / "preflight.json")
 
@@ -204,7 +206,7 @@ def rough_estimate(run, arch):
     2 images and 2 steps carry the warm-up; `python bench.py --preset <preset>` measures steady rates."""
     import bench
     rate = lambda name: json.loads((run / name).read_text())["rate"]
-    rates = dict(gen=rate("base/generate.0.timing.json"), train=rate(f"{sc.iteration_name(0)}/train.timing.json"),
+    rates = dict(gen=rate("base/generate.0.timing.json"), train=rate(f"{run_files.iteration_name(0)}/train.timing.json"),
                  reward=rate("base/self_reward.0.timing.json") * PREFLIGHT_DRAWS / bench.DRAWS)  # UNet passes scale with K
     table = bench.paper_run_estimate(arch, rates, epochs=1)
     total = sum(s for _, _, s in table)
@@ -215,4 +217,4 @@ def rough_estimate(run, arch):
 
 
 if __name__ == "__main__":
-    sc.run_stage(main, build_parser().parse_args())
+    run_files.run_stage(main, build_parser().parse_args())

@@ -27,7 +27,6 @@ import hashlib
 import heapq
 import io
 import itertools
-import json
 import os
 import re
 import time
@@ -37,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sail_common import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, pool_paths,
-                         progress, read_jsonl, run_stage, save_args, seed_pairs_path, setup_logging, write_json_atomic,
-                         write_jsonl_atomic)
+from run_files import (SailError, check_pools_disjoint, check_settings, folder_lock, log, normalise_prompt, pool_path,
+                       pool_paths, progress, read_jsonl, run_stage, save_args, seed_pairs_path, setup_logging,
+                       write_json_atomic, write_jsonl_atomic)
 
 NEEDED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 OTHER_SPLITS = ("validation", "validation_unique", "test", "test_unique")
@@ -276,11 +275,7 @@ def check_run_folder(run, settings, outputs):
         if found:
             raise SailError(f"{', '.join(found)} exist(s) but were not written by this importer (no {plan}); not overwriting")
         return False
-    old = json.loads(plan.read_text())
-    if old != settings:
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise SailError(f"{run} holds a Pick-a-Pic import made with other settings ({', '.join(changed)} differ); not "
-                        f"overwriting it: use another --run, or delete {run}/seed, {run}/pools and {run}/val")
+    check_settings(plan, settings, f"use another --run, or delete {run}/seed, {run}/pools and {run}/val")
     return (run / "seed" / "stats.json").is_file() and all(p.is_file() for p in outputs) and all(
         (p.parent / row[side]).is_file() for p in outputs if p.parent.name != "pools"
         for row in read_jsonl(p) for side in ("image_w", "image_l"))

@@ -16,7 +16,7 @@
 #   PAIRING=best-worst  or random           PROMPTS=       prompts per iteration (default: the whole pool)
 #   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
-#   DATA_ARGS="--pool-size 16"                     extra flags for toy_world.py data
+#   DATA_ARGS="--pool-size 16"                     extra flags for toy.py data
 #   EVAL=1              evaluate at the end (0: skip); EVAL_BENCHMARK=parti (see 05_eval.py)
 set -euo pipefail
 
@@ -35,7 +35,7 @@ HUMAN_SHARE=${HUMAN_SHARE:-0.25}
 PAIRING=${PAIRING:-best-worst}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 EVAL=${EVAL:-1}
-DATA_ARGS=${DATA_ARGS:-}  # extra flags for toy_world.py data (toy and tiny presets)
+DATA_ARGS=${DATA_ARGS:-}  # extra flags for toy.py data (toy and tiny presets)
 LIMIT=()
 [[ -n "${PROMPTS:-}" ]] && LIMIT=(--limit "$PROMPTS")
 
@@ -54,7 +54,7 @@ if [[ "$PRESET" == toy ]]; then
 fi
 if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
   case "$PRESET" in
-    toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy_world.py" data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;
+    toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy.py" data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;
     *) echo "error: $RUN/seed/pairs.jsonl not found. Import the seed set and prompt pools first:" >&2
        echo "  python prepare_pickapic.py --parquet-dir /path/to/pickapic_v2 --run $RUN" >&2
        exit 2 ;;
@@ -64,7 +64,7 @@ for ((i = 1; i <= T; i++)); do
   pool=$(printf "%s/pools/iter_%02d.jsonl" "$RUN" "$i")
   [[ -f "$pool" ]] || { echo "error: prompt pool $pool not found (need one per iteration)" >&2; exit 2; }
 done
-$PY "$KIT/sail_common.py" check-pools "$RUN"
+$PY "$KIT/run_files.py" check-pools "$RUN"
 
 stage "00 seed DPO" $LAUNCH "$KIT/00_seed_dpo.py" --run "$RUN" --preset "$PRESET" $TRAIN_ARGS
 for ((i = 1; i <= T; i++)); do
@@ -76,7 +76,7 @@ done
 
 if [[ "$EVAL" == 1 ]]; then
   case "$PRESET" in
-    toy|tiny-*) stage "oracle report" $PY "$KIT/toy_world.py" report --run "$RUN" ;;
+    toy|tiny-*) stage "oracle report" $PY "$KIT/toy.py" report --run "$RUN" ;;
     *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-parti}" ;;
   esac
 fi

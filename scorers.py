@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from sail_common import CACHE_DIR, SailError, log
+from run_files import SailError, log
+from sail_models import CACHE_DIR
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -372,7 +373,7 @@ class Oracle(Scorer):
 def tiny_clip(seed=0, image_size=32):
     """A small random-weight CLIPModel and its processor, built offline (same seed, same weights)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
-    from sail_common import write_byte_tokenizer
+    from sail_models import write_byte_tokenizer
     folder = CACHE_DIR / "tiny-clip-tokenizer"
     vocab = write_byte_tokenizer(folder)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=vocab,

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-import sail_common as sc
+import run_files
+import sail_models as models
 import scorers
 
 log = logging.getLogger("sail")
@@ -55,8 +56,8 @@ ABLATIONS = {
     "ablation_n4": (4, "best-worst", 0.25),
 }
 MODELS = [  # row order of the table: (folder name in a seed's run, label, which human labels it used)
-    ("base", "base model", None), (sc.iteration_name(0), "iteration 0: DPO on the seed", "seed"),
-    (sc.iteration_name(1), "SAIL iteration 1", "seed"), (sc.iteration_name(2), "SAIL iteration 2", "seed"),
+    ("base", "base model", None), (run_files.iteration_name(0), "iteration 0: DPO on the seed", "seed"),
+    (run_files.iteration_name(1), "SAIL iteration 1", "seed"), (run_files.iteration_name(2), "SAIL iteration 2", "seed"),
     ("dpo_all_labels", "DPO on all labels", "all"),
     ("dpo_all_labels_long", "DPO on all labels, as many steps as SAIL in all", "all"),
     ("ablation_random_pairs", "iteration 1, random pairs", "seed"), ("ablation_no_mixup", "iteration 1, no mixup", "seed"),
@@ -73,7 +74,7 @@ def run_seed(args, seed, cfg):
     """Every stage of one seed, in order; returns the seed's numbers. Stage output goes to study.log."""
     run = args.out / f"seed_{seed}"
     run.mkdir(parents=True, exist_ok=True)
-    steps = cfg["steps"] or sc.get_preset(args.preset)["max_steps"]
+    steps = cfg["steps"] or models.get_preset(args.preset)["max_steps"]
     data_args = f"--seed {seed} --n-pools {args.iterations} {cfg['data']}".split()
     train_args = ["--seed", str(seed), "--max-steps", str(steps)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -89,7 +90,7 @@ def run_seed(args, seed, cfg):
             code = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, cwd=KIT,
                                   env={**env, **(extra_env or {})}).returncode
         if code:
-            raise sc.SailError(f"seed {seed}: {name} failed (exit {code}); its output is at the end of {run / 'study.log'}")
+            raise run_files.SailError(f"seed {seed}: {name} failed (exit {code}); its output is at the end of {run / 'study.log'}")
         times[name] = round(time.time() - start, 1)
         log.info("seed %d: %s done in %.0f s", seed, name, times[name])
 
@@ -97,17 +98,17 @@ def run_seed(args, seed, cfg):
     sh("SAIL loop (run_all.sh)", "bash", KIT / "run_all.sh", args.preset, args.iterations,
        extra_env=dict(RUN=str(run), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0",
                       DATA_ARGS=" ".join(data_args), TRAIN_ARGS=" ".join(train_args)))
-    iter0, iter1 = sc.checkpoint_dir(run, 0), sc.iteration_dir(run, 1)
+    iter0, iter1 = run_files.checkpoint_dir(run, 0), run_files.iteration_dir(run, 1)
     for name, (n, pairing, share) in ABLATIONS.items():
         folder = run / name
         if (folder / "ckpt" / "sail.json").is_file():
             continue
         self_pairs = iter1 / "pairs.jsonl"
         if (n, pairing) != (8, "best-worst"):  # new self-labelled pairs from (a subset of) the same images
-            gens = [dict(sc.strip_private(g), image=f"../{iter1.name}/{g['image']}")
-                    for g in sc.read_jsonl(iter1 / "generations.jsonl") if g["index"] < n]
+            gens = [dict(run_files.strip_private(g), image=f"../{iter1.name}/{g['image']}")
+                    for g in run_files.read_jsonl(iter1 / "generations.jsonl") if g["index"] < n]
             if not (folder / "generations.jsonl").is_file():
-                sc.write_jsonl_atomic(folder / "generations.jsonl", gens)
+                run_files.write_jsonl_atomic(folder / "generations.jsonl", gens)
             sh(f"{name}: 02 self-reward", *py, "02_self_reward.py", "--ckpt", iter0, "--dir", folder,
                "--draws", cfg["draws"], "--pairing", pairing)
             self_pairs = folder / "pairs.jsonl"
@@ -119,7 +120,7 @@ def run_seed(args, seed, cfg):
         start, folder = run / "ablation_no_mixup" / "ckpt", run / "ablation_no_mixup_iter2"
         if not (folder / "ckpt" / "sail.json").is_file():
             sh("ablation_no_mixup_iter2: 01 generate", *py, "01_generate.py", "--ckpt", start, "--pool",
-               sc.pool_path(run, 2), "--out", folder)
+               run_files.pool_path(run, 2), "--out", folder)
             sh("ablation_no_mixup_iter2: 02 self-reward", *py, "02_self_reward.py", "--ckpt", start, "--dir", folder,
                "--draws", cfg["draws"])
             sh("ablation_no_mixup_iter2: 03 mixup", *py, "03_mixup.py", "--self-pairs", folder / "pairs.jsonl",
@@ -127,7 +128,7 @@ def run_seed(args, seed, cfg):
             sh("ablation_no_mixup_iter2: 04 DPO", *py, "04_train.py", "--init", start, "--pairs",
                folder / "train_pairs.jsonl", "--out", folder / "ckpt", "--iter", 2, *train_args)
 
-    sh("data: all labels", *py, "toy_world.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
+    sh("data: all labels", *py, "toy.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
     dpo_steps, long_steps = args.dpo_all_steps or steps, steps * (args.iterations + 1)
     for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", long_steps)):
         sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
@@ -137,10 +138,10 @@ def run_seed(args, seed, cfg):
     sweep_out, iters_out = run / "eval" / "reward_accuracy_draws", run / "eval" / "reward_accuracy_iterations"
     sh("reward accuracy: K and common draws", *py, "05_eval.py", "--reward-accuracy", heldout, "--ckpt", iter0,
        "--draws", *cfg["sweep"], "--common-draws", "both", "--out", sweep_out)
-    sail_ckpts = [a for i in range(args.iterations + 1) for a in ("--ckpt", sc.checkpoint_dir(run, i))]
+    sail_ckpts = [a for i in range(args.iterations + 1) for a in ("--ckpt", run_files.checkpoint_dir(run, i))]
     sh("reward accuracy: per iteration", *py, "05_eval.py", "--reward-accuracy", heldout, *sail_ckpts,
        "--draws", cfg["draws"], "--common-draws", "yes", "--out", iters_out)
-    sh("oracle report", *py, "toy_world.py", "report", "--run", run, "--images-per-prompt", cfg["images_per_prompt"])
+    sh("oracle report", *py, "toy.py", "report", "--run", run, "--images-per-prompt", cfg["images_per_prompt"])
 
     oracle = json.loads((run / "eval" / "oracle_report.json").read_text())
     accuracy = {}
@@ -151,18 +152,18 @@ def run_seed(args, seed, cfg):
     stats = json.loads((run / "seed" / "stats.json").read_text())
     return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, data=stats, dpo_all_labels_steps=dpo_steps,
                 dpo_all_labels_long_steps=long_steps,
-                steps_per_iteration=steps, heldout_pairs=len(sc.read_jsonl(heldout)), stage_seconds=times)
+                steps_per_iteration=steps, heldout_pairs=len(run_files.read_jsonl(heldout)), stage_seconds=times)
 
 
 def write_heldout_pairs(seed_dir, n, seed):
     """n labelled pairs of the universe that are not in the human seed set -> seed/heldout_pairs.jsonl."""
     path = seed_dir / "heldout_pairs.jsonl"
     if not path.is_file():
-        seen = {(p["image_w"], p["image_l"]) for p in sc.read_jsonl(seed_dir / "pairs.jsonl")}
-        rest = [sc.strip_private(p) for p in sc.read_jsonl(seed_dir / "all_pairs.jsonl")
+        seen = {(p["image_w"], p["image_l"]) for p in run_files.read_jsonl(seed_dir / "pairs.jsonl")}
+        rest = [run_files.strip_private(p) for p in run_files.read_jsonl(seed_dir / "all_pairs.jsonl")
                 if (p["image_w"], p["image_l"]) not in seen]
-        pick = np.random.default_rng(sc.derive_seed(seed, "heldout") % 2**32).permutation(len(rest))[:n]
-        sc.write_jsonl_atomic(path, [rest[i] for i in sorted(pick)])
+        pick = np.random.default_rng(models.derive_seed(seed, "heldout") % 2**32).permutation(len(rest))[:n]
+        run_files.write_jsonl_atomic(path, [rest[i] for i in sorted(pick)])
     return path
 
 
@@ -177,16 +178,16 @@ def spread(values):
 def summarize(per_seed):
     """Per-seed results -> {"models": {name: {score, delta, win_rate, agreement}}, "accuracy": {key: ...}}
     with (mean, sd, per-seed values) for each number."""
-    models = {}
+    table = {}
     for name, _, _ in MODELS:
         rows = [s["oracle"].get(name) for s in per_seed]
         if not any(rows):
             continue
-        models[name] = {key: spread([r.get(key) if r else None for r in rows])
+        table[name] = {key: spread([r.get(key) if r else None for r in rows])
                         for key in ("mean", "delta", "win_rate", "self_reward_agreement")}
     keys = sorted({k for s in per_seed for k in s["heldout_accuracy"]})
     accuracy = {k: spread([s["heldout_accuracy"].get(k) for s in per_seed]) for k in keys}
-    return dict(models=models, accuracy=accuracy, seeds=[s["seed"] for s in per_seed])
+    return dict(models=table, accuracy=accuracy, seeds=[s["seed"] for s in per_seed])
 
 
 def _cell(stat, dec=3, sign=False, pct=False):
@@ -239,7 +240,7 @@ def plot(summary, out_path):
     names = [(n, label) for n, label, _ in MODELS if n != "base" and summary["models"].get(n, {}).get("delta")]
     for y, (name, _) in enumerate(names):
         mean, sd, values = summary["models"][name]["delta"]
-        colour = "tab:blue" if sc.iteration_number(name) is not None else "tab:red" if name.startswith("dpo_all_labels") else "tab:gray"
+        colour = "tab:blue" if run_files.iteration_number(name) is not None else "tab:red" if name.startswith("dpo_all_labels") else "tab:gray"
         left.barh(y, mean, xerr=sd, color=colour, alpha=0.8, capsize=3)
         left.scatter(values, [y] * len(values), color="black", s=10, zorder=3)
     left.set_yticks(range(len(names)), [label for _, label in names])
@@ -249,7 +250,7 @@ def plot(summary, out_path):
     left.set_title("SAIL (blue), DPO on all labels (red), ablations (grey)", fontsize=9)
     for common, style in ((True, "o-"), (False, "s--")):
         points = [(int(k.split("K=")[1].split()[0]), stat) for k, stat in summary["accuracy"].items()
-                  if k.startswith(sc.iteration_name(0)) and "draws" in k and (" common" in k) == common and stat]
+                  if k.startswith(run_files.iteration_name(0)) and "draws" in k and (" common" in k) == common and stat]
         if points:
             points.sort()
             ks, stats = zip(*points)
@@ -257,7 +258,7 @@ def plot(summary, out_path):
                            label="common draws" if common else "own draws per image")
     right.axhline(0.5, color="black", lw=0.8, ls=":")
     right.set_xscale("log")
-    ticks = sorted({int(k.split("K=")[1].split()[0]) for k in summary["accuracy"] if k.startswith(sc.iteration_name(0))})
+    ticks = sorted({int(k.split("K=")[1].split()[0]) for k in summary["accuracy"] if k.startswith(run_files.iteration_name(0))})
     right.set_xticks(ticks, [str(k) for k in ticks])
     right.minorticks_off()
     right.set_xlabel("K (t, noise) draws per image")
@@ -270,17 +271,17 @@ def plot(summary, out_path):
 
 def main(args):
     args.out = args.out.resolve()
-    sc.setup_logging(args.out, "study")
-    sc.save_args(args.out, "study", args)
+    run_files.setup_logging(args.out, "study")
+    run_files.save_args(args.out, "study", args)
     cfg = QUICK if args.quick else FULL
     log.info("study: preset %s, seeds %s, %d iteration(s), %d job(s), output %s",
              args.preset, args.seeds, args.iterations, args.jobs, args.out)
     start = time.time()
-    sc.describe_model(args.preset)  # builds the base model once (cached) before the seeds start
+    models.describe_model(args.preset)  # builds the base model once (cached) before the seeds start
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         per_seed = list(pool.map(lambda s: run_seed(args, s, cfg), args.seeds))
     summary = summarize(per_seed)
-    sc.write_json_atomic(args.out / "study.json", dict(summary=summary, per_seed=per_seed,
+    run_files.write_json_atomic(args.out / "study.json", dict(summary=summary, per_seed=per_seed,
                                                        wall_seconds=round(time.time() - start)))
     table = markdown(summary, per_seed)
     (args.out / "study.md").write_text(table)
@@ -303,4 +304,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    sc.run_stage(main, build_parser().parse_args())
+    run_files.run_stage(main, build_parser().parse_args())

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import sail_common as sc
+import run_files
+import sail_models as models
 from toy_world import RES, all_captions, render_web
 
 log = logging.getLogger("sail")
 
-TOY_BASE_NAME = sc.TOY_BASE_NAME
+TOY_BASE_NAME = models.TOY_BASE_NAME
 TEXT_CFG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 projection_dim=64, max_position_embeddings=77)
 VAE_CFG = dict(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
@@ -57,7 +58,7 @@ def _bpe(word, ranks):
 def write_world_tokenizer(folder):
     """A CLIP tokenizer whose vocabulary is every byte plus one token per word of the world's
     captions (built with BPE merges), so "a small red circle" is five tokens, not fifteen."""
-    sc.write_byte_tokenizer(folder)
+    models.write_byte_tokenizer(folder)
     vocab = json.loads((folder / "vocab.json").read_text())
     words = sorted({w for c in all_captions() for w in c.split()})
     ranks, merges = {}, []
@@ -199,7 +200,7 @@ def build_toy_base(out_dir, seed=0, n_images=16384, vae_steps=400, unet_steps=50
                                        requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(tmp / "_tok")
-        sc.write_json_atomic(tmp / "toy_base.json", dict(
+        run_files.write_json_atomic(tmp / "toy_base.json", dict(
             seed=seed, n_images=n_images, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size, lr=lr,
             train_text=train_text, final_loss=loss, seconds=round(time.time() - start, 1)))
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -217,12 +218,12 @@ def ensure_toy_base(cache_dir):
     if (path / "model_index.json").is_file():
         return path
     log.info("toy base: not in %s yet; pretraining it now (once, deterministic)", path.parent)
-    with sc.folder_lock(path.parent, "toy-base build", wait=True):
+    with run_files.folder_lock(path.parent, "toy-base build", wait=True):
         if not (path / "model_index.json").is_file():  # another process may have built it meanwhile
             build_toy_base(path)
     return path
 
 
 if __name__ == "__main__":
-    sc.setup_logging(sc.CACHE_DIR, "toy_base")
-    print(ensure_toy_base(sc.CACHE_DIR))
+    run_files.setup_logging(models.CACHE_DIR, "toy_base")
+    print(ensure_toy_base(models.CACHE_DIR))

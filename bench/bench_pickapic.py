@@ -112,9 +112,9 @@ def main(args):
         layout = f"row groups of {args.rows_per_group} rows" if args.rows_per_group else "one row group per shard"
         print(f"generated {n_rows} train rows, {size / 1e9:.2f} GB in {len(list(data.glob('*.parquet')))} shards "
               f"({layout}) in {time.time() - start:.0f} s")
-        (work / "imports.py").write_text("import sail_common, numpy, PIL.Image, pyarrow.parquet\n")
+        (work / "imports.py").write_text("import run_files, numpy, PIL.Image, pyarrow.parquet\n")
         _, base = peak_mb(work / "imports.py")
-        print(f"peak RSS of a process that only imports sail_common (torch), numpy, PIL and pyarrow: {base:.0f} MB")
+        print(f"peak RSS of a process that only imports run_files (torch), numpy, PIL and pyarrow: {base:.0f} MB")
         first, peak = run_importer(data, run, args.seed_size, args.val_pairs)
         stats = json.loads((run / "seed" / "stats.json").read_text())
         written = sum(p.stat().st_size for p in (run / "seed" / "images").iterdir())

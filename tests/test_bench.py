@@ -29,7 +29,7 @@ def test_random_weights_build_the_released_architectures(arch):
     if arch == "sdxl":
         assert count(pipe.text_encoder_2) == OPENCLIP_BIGG
         assert pipe.text_encoder_2.config.projection_dim == 1280  # pooled embeds: 2816 = 1280 + 6 x 256
-    assert unet.config.sample_size * 8 == bench.sc.PRESETS[arch]["resolution"]
+    assert unet.config.sample_size * 8 == bench.models.PRESETS[arch]["resolution"]
     ids = pipe.tokenizer("a red square").input_ids  # pooled where the id is highest: <|endoftext|>
     assert pipe.text_encoder.config.eos_token_id == 2 and ids[-1] == max(ids) == len(pipe.tokenizer) - 1
 

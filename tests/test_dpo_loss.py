@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dpo_loss import dpo_loss, implicit_reward
+from dpo_maths import dpo_loss, implicit_reward
 
 
 def reference_loss(model_pred, ref_pred, target, beta):

@@ -12,7 +12,8 @@ from conftest import load_stage
 from PIL import Image
 
 import scorers
-from sail_common import SailError, load_unet, describe_model, save_checkpoint
+from run_files import SailError
+from sail_models import describe_model, load_unet, save_checkpoint
 
 
 def random_images(sizes, seed=0):
@@ -150,7 +151,7 @@ def run(tmp_path_factory):
         for p in unet.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     save_checkpoint(unet, root / "run" / "iter_01" / "ckpt",
-                    dict(base_model=desc["base_model"], arch="sd15", preset="tiny-sd15", iteration=1, parent="tiny-sd15"))
+                    dict(base_model=desc.base_model, arch="sd15", preset="tiny-sd15", iteration=1, parent="tiny-sd15"))
     with open(root / "bench.jsonl", "w") as f:
         for i, prompt in enumerate(["a red cat", "a blue dog", "a green tree", "a car", "not used"]):
             f.write(json.dumps({"prompt_id": f"p{i}", "prompt": prompt}) + "\n")

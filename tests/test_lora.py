@@ -13,9 +13,9 @@ from conftest import ROOT, load_stage
 from helpers import make_pairs
 from test_train import run_train, train_killed_and_resumed, unet_state
 
-import dpo_loss
+import dpo_maths
 import lora
-import sail_common as sc
+import sail_models as models
 
 pytest.importorskip("peft")
 train = load_stage("04_train")
@@ -36,11 +36,11 @@ def unet_inputs(unet, batch=2, seed=0):
 @torch.no_grad()
 def predict(unet, inputs):
     x, t, cond = inputs
-    return sc.unet_call(unet, x, t, cond, 32)
+    return dpo_maths.unet_call(unet, x, t, cond, 32)
 
 
 def test_reference_with_the_adapter_off_equals_a_frozen_copy():
-    unet = sc.load_unet(sc.describe_model("tiny-sd15"))
+    unet = models.load_unet(models.describe_model("tiny-sd15"))
     frozen = copy.deepcopy(unet).requires_grad_(False)
     lora.add_lora(unet, lora.lora_config(4, 4.0), seed=0)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_reference_with_the_adapter_off_equals_a_frozen_copy():
                 param.normal_(0, 0.05)  # a trained adapter: B is no longer zero
     inputs = unet_inputs(unet)
     assert not torch.allclose(predict(unet, inputs), predict(frozen, inputs))
-    with dpo_loss.adapters_off(unet):
+    with dpo_maths.adapters_off(unet):
         assert torch.equal(predict(unet, inputs), predict(frozen, inputs))
     assert not torch.allclose(predict(unet, inputs), predict(frozen, inputs)), "the adapter is back on"
     assert all(("lora_" in n) == p.requires_grad for n, p in unet.named_parameters())
@@ -68,7 +68,7 @@ def test_lora_training_changes_only_the_projections_and_saves_a_plain_unet(tmp_p
 
     # <out>/unet is an ordinary UNet: base weights + alpha / rank * up @ down on the projections only
     trained = UNet2DConditionModel.from_pretrained(ckpt / "unet")
-    base = sc.load_unet(sc.describe_model(preset))
+    base = models.load_unet(models.describe_model(preset))
     after, before = trained.state_dict(), base.state_dict()
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(after[k], before[k])]
@@ -80,9 +80,9 @@ def test_lora_training_changes_only_the_projections_and_saves_a_plain_unet(tmp_p
         torch.testing.assert_close(after[key] - before[key], delta, rtol=1e-4, atol=1e-6)
 
     # the kit's loaders read it, and it predicts what the start model plus the adapter predicts
-    desc = sc.describe_model(ckpt)
-    pipe = sc.load_pipeline(desc, torch.device("cpu"), torch.float32)
-    with_adapter = sc.load_pipeline(sc.describe_model(preset), torch.device("cpu"), torch.float32)
+    desc = models.describe_model(ckpt)
+    pipe = models.load_pipeline(desc, torch.device("cpu"), torch.float32)
+    with_adapter = models.load_pipeline(models.describe_model(preset), torch.device("cpu"), torch.float32)
     with_adapter.load_lora_weights(ckpt / "lora")
     inputs = unet_inputs(trained)
     merged = predict(pipe.unet, inputs)
@@ -120,12 +120,11 @@ import sys
 sys.modules["peft"] = None  # as if peft were not installed: importing it fails
 sys.path.insert(0, {str(ROOT)!r})
 from conftest import load_stage
-import sail_common as sc
 train = load_stage("04_train")
 base = ["--iter", "0", "--preset", "tiny-sd15", "--max-steps", "1", "--batch-size", "4"]
-sc.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "full")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base]))
+run_files.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "full")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base]))
 print("full UNet trained")
-sc.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "lora")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base, "--lora-rank", "4"]))
+run_files.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "lora")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base, "--lora-rank", "4"]))
 """
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -148,7 +147,7 @@ def test_two_processes_train_the_lora_of_one(tmp_path):
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     a, b = unet_state(tmp_path / "ckpt1"), unet_state(tmp_path / "ckpt2")
-    base = sc.load_unet(sc.describe_model("tiny-sd15")).state_dict()
+    base = models.load_unet(models.describe_model("tiny-sd15")).state_dict()
     change = torch.cat([(a[k] - base[k]).abs().flatten() for k in a]).mean()
     gap = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
     assert change > 1e-6 and gap < 1e-3 * change

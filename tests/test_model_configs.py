@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import model_configs
-import sail_common as sc
+import sail_models as models
 
 SIZE_KEYS = {
     "unet": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size", "down_block_types",
@@ -36,7 +36,7 @@ def assert_same_except_size(tiny, released, kind, where):
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_tiny_models_keep_every_released_setting_but_size(arch):
-    folder = sc.resolve_model_path(f"tiny:{arch}")
+    folder = models.resolve_model_path(f"tiny:{arch}")
     released = model_configs.released_configs(arch)
     scheduler = saved(folder, "scheduler/scheduler_config.json")
     assert scheduler["_class_name"] == {"sd15": "PNDMScheduler", "sdxl": "EulerDiscreteScheduler"}[arch]
@@ -77,7 +77,7 @@ def test_text_encoders_pool_at_the_end_of_text_token(arch):
     the byte vocabulary of the tiny models puts <|endoftext|> last, as CLIP's does."""
     import torch
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(sc.resolve_model_path(f"tiny:{arch}"))
+    pipe = DiffusionPipeline.from_pretrained(models.resolve_model_path(f"tiny:{arch}"))
     encoder = pipe.text_encoder_2 if arch == "sdxl" else pipe.text_encoder
     tokenizer = pipe.tokenizer_2 if arch == "sdxl" else pipe.tokenizer
     ids = tokenizer(["a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -15,7 +15,8 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from conftest import load_stage  # noqa: E402
-from sail_common import SailError, check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs, read_prompts  # noqa: E402
+from run_files import (SailError, check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs,  # noqa: E402
+                       read_prompts)
 
 pp = load_stage("prepare_pickapic")
 CORRUPT = ("train-00001-of-00002.parquet", 5)  # shard and row of the one bad jpg_1
@@ -214,7 +215,7 @@ def test_resume_and_refusals(data, tmp_path):
     assert stats(out)["validation"]["images_written"] == 1
     run(data, tmp_path)
     assert "nothing to do" in (out / "log.txt").read_text().splitlines()[-1]
-    with pytest.raises(SailError, match="other settings.*seed_size"):
+    with pytest.raises(SailError, match="seed_size = '50000', and this run has seed_size = '30'"):
         run(data, tmp_path, "--seed-size", "30")
     other = tmp_path / "foreign"
     (other / "pools").mkdir(parents=True)

@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-import sail_common as sc
+import dpo_maths
+import run_files
 
 preflight = pytest.importorskip("preflight")
 
@@ -32,9 +33,9 @@ def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
 
 
 def test_check_stops_at_a_noising_that_is_not_ddpm(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sc, "forward_process", lambda scheduler: scheduler)  # the old bug: the shipped sampler noises
+    monkeypatch.setattr(dpo_maths, "forward_process", lambda scheduler: scheduler)  # the old bug: the shipped sampler noises
     with pytest.raises(SystemExit) as exit_info:
-        sc.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sdxl", "--out", str(tmp_path / "p")]))
+        run_files.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sdxl", "--out", str(tmp_path / "p")]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "preflight stopped at 'check configs and noising': training would noise with EulerDiscreteScheduler" in err
@@ -45,6 +46,6 @@ def test_check_does_not_replace_a_folder_of_another_kind(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     with pytest.raises(SystemExit):
-        sc.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
+        run_files.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
     assert "is not a preflight folder; not replacing it" in capsys.readouterr().err
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"

@@ -15,7 +15,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 from torchvision.transforms import functional as TF
 
 import scorers
-from sail_common import SailError, image_name
+from run_files import SailError, image_name
 
 SIZES = [(512, 512), (1024, 1024), (640, 480), (300, 700), (37, 53)]  # (width, height)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import sail_common as sc
+import run_files
+import sail_models as models
+import toy
 import toy_base as tb
 import toy_world as tw
-from sail_common import SailError
+from run_files import SailError
 
 PROMPT = "a medium red circle at the top left"
 
@@ -88,20 +90,20 @@ TINY = dict(n_pools=2, pool_size=3, n_eval=3, pairs_per_prompt=3, n_universe=6, 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("toy") / "run"
-    tw.make_run_data(run, preset="tiny-sd15", **TINY)
+    toy.make_run_data(run, preset="tiny-sd15", **TINY)
     return run
 
 
 def check_run_data(run):
-    pairs = sc.read_pairs(run / "seed" / "pairs.jsonl")
+    pairs = run_files.read_pairs(run / "seed" / "pairs.jsonl")
     assert 1 <= len(pairs) <= 9
     assert all(p["source"] == "human" and p["image_w"].startswith("images/") for p in pairs)
     for p in pairs:  # the oracle's choice, between images the preset's model drew
         assert Image.open(p["_image_w"]).size == (32, 32)
-        assert tw.oracle_score(p["prompt"], sc.load_image(p["_image_w"])) > tw.oracle_score(p["prompt"], sc.load_image(p["_image_l"]))
-    assert len(sc.check_pools_disjoint(run)) == 4
-    pools = [sc.read_prompts(run / "pools" / f"iter_{k:02d}.jsonl") for k in (1, 2)]
-    evals = sc.read_prompts(run / "eval" / "prompts.jsonl")
+        assert tw.oracle_score(p["prompt"], run_files.load_image(p["_image_w"])) > tw.oracle_score(p["prompt"], run_files.load_image(p["_image_l"]))
+    assert len(run_files.check_pools_disjoint(run)) == 4
+    pools = [run_files.read_prompts(run / "pools" / f"iter_{k:02d}.jsonl") for k in (1, 2)]
+    evals = run_files.read_prompts(run / "eval" / "prompts.jsonl")
     groups = [{r["prompt"] for r in g} for g in pools + [evals]] + [{p["prompt"] for p in pairs}]
     assert [len(g) for g in groups[:3]] == [3, 3, 3]
     for i, a in enumerate(groups):
@@ -116,7 +118,7 @@ def test_make_run_data_writes_disjoint_sets_and_valid_pairs(tiny_run):
 
 
 def test_make_run_data_with_sdxl_preset(tmp_path):
-    tw.make_run_data(tmp_path / "run", preset="tiny-sdxl", **TINY)
+    toy.make_run_data(tmp_path / "run", preset="tiny-sdxl", **TINY)
     check_run_data(tmp_path / "run")
 
 
@@ -126,22 +128,22 @@ def test_make_run_data_is_deterministic_skips_and_refuses_other_settings(tiny_ru
     first = (run / "seed" / "pairs.jsonl").read_text()
     image = sorted((run / "seed" / "images").glob("*.png"))[0]
     stamp = image.stat().st_mtime_ns
-    tw.make_run_data(run, preset="tiny-sd15", **TINY)  # rerun: everything kept
+    toy.make_run_data(run, preset="tiny-sd15", **TINY)  # rerun: everything kept
     assert (run / "seed" / "pairs.jsonl").read_text() == first and image.stat().st_mtime_ns == stamp
     with pytest.raises(SailError, match="other settings"):
-        tw.make_run_data(run, preset="tiny-sd15", **{**TINY, "seed": 1})
+        toy.make_run_data(run, preset="tiny-sd15", **{**TINY, "seed": 1})
     image.unlink()  # the whole labelled universe; a lost image is drawn again, identical
-    stats = tw.make_run_data(run, preset="tiny-sd15", all_labels=True, **TINY)
+    stats = toy.make_run_data(run, preset="tiny-sd15", all_labels=True, **TINY)
     redrawn, original = (np.asarray(Image.open(p), dtype=int) for p in (image, tiny_run / "seed" / "images" / image.name))
     assert np.abs(redrawn - original).max() <= 1  # same seed, same picture, whatever the batch
-    everything = sc.read_pairs(run / "seed" / "all_pairs.jsonl")
-    assert stats["all_pairs"]["slots"] == 18 and len(everything) >= len(sc.read_pairs(run / "seed" / "pairs.jsonl"))
+    everything = run_files.read_pairs(run / "seed" / "all_pairs.jsonl")
+    assert stats["all_pairs"]["slots"] == 18 and len(everything) >= len(run_files.read_pairs(run / "seed" / "pairs.jsonl"))
     assert (run / "seed" / "pairs.jsonl").read_text() == first
 
 
 def test_split_refuses_a_world_too_small():
     with pytest.raises(SailError, match="no prompts"):
-        tw.split_prompts(0, n_pools=3, pool_size=300, n_eval=64)
+        toy.split_prompts(0, n_pools=3, pool_size=300, n_eval=64)
 
 
 # ---------------------------------------------------------------- oracle report
@@ -149,29 +151,29 @@ def test_score_checkpoints_report_and_agreement(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     # a "trained" checkpoint that is the base itself: same seeds, same pictures, win rate 0.5
-    desc = sc.describe_model("tiny-sd15")
-    sc.save_checkpoint(sc.load_unet(desc), run / "iter_00" / "ckpt",
-                       dict(base_model=desc["base_model"], arch="sd15", preset="tiny-sd15", parent=None, iteration=0))
+    desc = models.describe_model("tiny-sd15")
+    models.save_checkpoint(models.load_unet(desc), run / "iter_00" / "ckpt",
+                       dict(base_model=desc.base_model, arch="sd15", preset="tiny-sd15", parent=None, iteration=0))
     it1 = run / "iter_01"
     it1.mkdir()
-    seed_pairs = [sc.strip_private(p) for p in sc.read_pairs(run / "seed" / "pairs.jsonl")]
+    seed_pairs = [run_files.strip_private(p) for p in run_files.read_pairs(run / "seed" / "pairs.jsonl")]
     flipped = [dict(p, image_w="../seed/" + p["image_l"], image_l="../seed/" + p["image_w"], source="self") for p in seed_pairs]
-    sc.write_jsonl_atomic(it1 / "pairs.jsonl", flipped)
-    assert tw.self_reward_agreement(it1) == 0.0
-    sc.write_jsonl_atomic(it1 / "pairs.jsonl", [dict(p, image_w=p["image_l"], image_l=p["image_w"]) for p in flipped])
-    assert tw.self_reward_agreement(it1) == 1.0
+    run_files.write_jsonl_atomic(it1 / "pairs.jsonl", flipped)
+    assert toy.self_reward_agreement(it1) == 0.0
+    run_files.write_jsonl_atomic(it1 / "pairs.jsonl", [dict(p, image_w=p["image_l"], image_l=p["image_w"]) for p in flipped])
+    assert toy.self_reward_agreement(it1) == 1.0
 
-    res = tw.score_checkpoints(run, ["base", run / "iter_00" / "ckpt"], n_images_per_prompt=2)
+    res = toy.score_checkpoints(run, ["base", run / "iter_00" / "ckpt"], n_images_per_prompt=2)
     assert set(res) == {"base", "iter_00"}
-    base_scores = [r["score"] for r in sc.read_jsonl(run / "eval" / "oracle" / "base" / "scores.jsonl")]
+    base_scores = [r["score"] for r in run_files.read_jsonl(run / "eval" / "oracle" / "base" / "scores.jsonl")]
     assert res["base"]["n"] == 6 == len(base_scores) and res["base"]["mean"] == pytest.approx(np.mean(base_scores))
     assert res["iter_00"]["mean"] == res["base"]["mean"] and res["iter_00"]["win_rate"] == 0.5
     scores = run / "eval" / "oracle" / "iter_00" / "scores.jsonl"
     stamp = scores.stat().st_mtime_ns
-    tw.score_checkpoints(run, [run / "iter_00" / "ckpt"], n_images_per_prompt=2)  # cached
+    toy.score_checkpoints(run, [run / "iter_00" / "ckpt"], n_images_per_prompt=2)  # cached
     assert scores.stat().st_mtime_ns == stamp
 
-    tw.main(tw.parse_args(["report", "--run", str(run), "--images-per-prompt", "2"]))
+    toy.main(toy.parse_args(["report", "--run", str(run), "--images-per-prompt", "2"]))
     out = capsys.readouterr().out
     report = json.loads((run / "eval" / "oracle_report.json").read_text())
     assert set(report) == {"base", "iter_00"} and "win_rate" in report["iter_00"]
@@ -191,7 +193,7 @@ def test_toy_base_smoke_build_loads_in_diffusers_and_is_deterministic(tmp_path):
     assert pipe.safety_checker is None and pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
     assert json.loads((a / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     pipe.set_progress_bar_config(disable=True)
-    img = tw.generate(pipe, ["a small red circle at the top"], [0], steps=2, cfg=1.0)[0]
+    [(_, [img])] = models.draw_images(pipe, ["a small red circle at the top"], [0], 2, 1.0, 32, 1)
     assert img.size == (32, 32)
     pipe_b = StableDiffusionPipeline.from_pretrained(b)
     for name in ("unet", "vae", "text_encoder"):
@@ -232,7 +234,7 @@ def test_ensure_toy_base_waits_for_a_build_in_another_process(tmp_path, monkeypa
     holding = threading.Event()
 
     def other_builder():  # holds the OS lock of the cache folder, as a build in another process does
-        with sc.folder_lock(tmp_path, "toy-base build"):
+        with run_files.folder_lock(tmp_path, "toy-base build"):
             holding.set()
             time.sleep(0.5)
             (tmp_path / tb.TOY_BASE_NAME).mkdir()

@@ -12,13 +12,14 @@ import torch
 from conftest import ROOT, load_stage
 from helpers import make_pairs
 
-import sail_common as sc
+import run_files
+import sail_models as models
 
 train = load_stage("04_train")
 
 
 def run_train(*argv):
-    sc.run_stage(train.locked_main, train.build_parser().parse_args([str(a) for a in argv]))
+    run_files.run_stage(train.locked_main, train.build_parser().parse_args([str(a) for a in argv]))
 
 
 def unet_state(ckpt):
@@ -40,7 +41,7 @@ def test_seed_dpo_writes_a_loadable_checkpoint(tmp_path, preset):
     log_rows = [json.loads(x) for x in (ckpt / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_rows] == [1, 2] and abs(log_rows[0]["loss"] - 0.6931) < 1e-3
     trained = unet_state(ckpt)
-    base = sc.load_unet(sc.describe_model(preset)).state_dict()
+    base = models.load_unet(models.describe_model(preset)).state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base), "training changed nothing"
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
@@ -145,7 +146,7 @@ def test_resume_with_other_settings_stops_and_names_the_setting(tmp_path, capsys
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed before the checkpoint")
-    monkeypatch.setattr(sc, "save_checkpoint", crash)  # the state of step 2 is saved, the checkpoint never
+    monkeypatch.setattr(models, "save_checkpoint", crash)  # the state of step 2 is saved, the checkpoint never
     with pytest.raises(RuntimeError):
         run_train(*argv, flag, old)
     monkeypatch.undo()
@@ -172,8 +173,8 @@ def test_training_does_not_depend_on_the_sampler_a_model_folder_ships(tmp_path):
     tiny SDXL with a DDIM config trains to the same weights as the Euler original (every other class:
     tests/test_parity_train.py)."""
     import shutil
-    base = sc.resolve_model_path("tiny:sdxl")
-    config = json.loads((sc.Path(base) / "scheduler" / "scheduler_config.json").read_text())
+    base = models.resolve_model_path("tiny:sdxl")
+    config = json.loads((run_files.Path(base) / "scheduler" / "scheduler_config.json").read_text())
     assert config["_class_name"] == "EulerDiscreteScheduler"  # as released
     pairs = make_pairs(tmp_path / "seed", n=4)
     weights = {}
@@ -186,11 +187,11 @@ def test_training_does_not_depend_on_the_sampler_a_model_folder_ships(tmp_path):
             (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(swapped))
             index = json.loads((folder / "model_index.json").read_text())
             (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", name])))
-        assert type(sc.load_pipeline(sc.describe_model(str(folder)), "cpu", torch.float32).scheduler).__name__ == name
+        assert type(models.load_pipeline(models.describe_model(str(folder)), "cpu", torch.float32).scheduler).__name__ == name
         run_train("--init", folder, "--preset", "tiny-sdxl", "--pairs", pairs, "--out", tmp_path / f"out-{name}",
                   "--max-steps", 2, "--batch-size", 4, "--lr", 1e-4)
         weights[name] = unet_state(tmp_path / f"out-{name}")
-    start = sc.load_unet(sc.describe_model("tiny-sdxl")).state_dict()
+    start = models.load_unet(models.describe_model("tiny-sdxl")).state_dict()
     assert any(not torch.equal(weights["EulerDiscreteScheduler"][k], start[k]) for k in start), "training changed nothing"
     for name in SCHEDULERS_WITH_THE_SAME_BETAS:
         for key, value in weights["EulerDiscreteScheduler"].items():
