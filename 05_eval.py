@@ -123,7 +123,9 @@ def generate(desc, bench_dir, rows, settings, gen_batch, device, pipe_cache):
              derive_seed(settings["seed"], r["prompt_id"], k)) for r in rows for k in range(settings["images_per_prompt"])]
     todo = [j for j in jobs if not image_is_complete(j[1])]
     log.info("%s: %d images to draw, %d there already", bench_dir, len(todo), len(jobs) - len(todo))
-    if todo and "pipe" not in pipe_cache:
+    if not todo:
+        return
+    if "pipe" not in pipe_cache:
         dtype = inference_dtype(device, preset_of(desc)["mixed_precision"])
         pipe_cache["pipe"] = load_pipeline(desc, device, dtype, sampler=settings["sampler"])
     for first, images in draw_images(pipe_cache["pipe"], [j[0] for j in todo], [j[2] for j in todo], settings["steps"],

@@ -71,13 +71,15 @@ def tiny_configs(arch, vocab_size):
     """The released configs with small widths and depths and the given vocabulary; every other key
     (scheduler, activations, scaling factor, token ids, time-id layout, block types) as released."""
     cfg = released_configs(arch)
-    text = [dict(t, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
-                 vocab_size=vocab_size) for t in cfg["text"]]
+    # SDXL's second encoder is the wider one (1280 vs 768); single-file loaders tell the two apart by width
+    widths = (32, 48)
+    text = [dict(t, hidden_size=w, intermediate_size=2 * w, num_hidden_layers=2, num_attention_heads=4, projection_dim=w,
+                 vocab_size=vocab_size) for t, w in zip(cfg["text"], widths)]
     unet = cfg["unet"]
     unet.update(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16)
     if arch == "sdxl":  # the first two of SDXL's three blocks: no attention, then cross-attention
         unet.update(down_block_types=unet["down_block_types"][:2], up_block_types=unet["up_block_types"][-2:],
-                    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64,
+                    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=sum(widths),
                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=TIME_IDS * 8 + text[1]["projection_dim"])
     else:  # the last two of SD1.5's four blocks: cross-attention, then none
         unet.update(down_block_types=unet["down_block_types"][-2:], up_block_types=unet["up_block_types"][:2],

@@ -24,7 +24,6 @@ val/images/, seed/plan.json (the settings), seed/stats.json (counts), pickapic.a
 import argparse
 import glob
 import hashlib
-import heapq
 import io
 import itertools
 import os
@@ -36,13 +35,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from run_files import (SailError, check_pools_disjoint, check_settings, folder_lock, log, normalise_prompt, pool_path,
-                       pool_paths, progress, read_jsonl, run_stage, save_args, seed_pairs_path, setup_logging,
-                       write_json_atomic, write_jsonl_atomic)
+from run_files import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, progress,
+                       run_stage, save_args, setup_logging, write_json_atomic, write_jsonl_atomic)
+from seed_split import (KIT_PROMPTS, check_run_folder, choose_pool_prompts, prompt_id, prompt_lines, seed_count,
+                        select_rows)
 
 NEEDED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 OTHER_SPLITS = ("validation", "validation_unique", "test", "test_unique")
-KIT_PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
 def open_shard(path, needed=NEEDED):
@@ -69,10 +68,6 @@ def find_shards(parquet_dir, split, pattern=None):
         found = [p for base in ([Path(parquet_dir), Path(parquet_dir) / "data"] if parquet_dir else [])
                  for g in (f"{split}-*.parquet", f"{split}.parquet", f"{split}/*.parquet") for p in glob.glob(str(base / g))]
     return sorted({Path(p) for p in found}, key=lambda p: (p.name, str(p)))
-
-
-def prompt_id(norm):
-    return hashlib.sha1(norm.encode()).hexdigest()[:12]
 
 
 class Scan:
@@ -120,65 +115,6 @@ class Scan:
         for j, (key, dtype) in enumerate((("shard", np.int32), ("row", np.int64), ("pidx", np.int32), ("win", np.int8))):
             setattr(self, key, np.concatenate([p[j] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype))
         self.counts.update(pairs_kept=len(self.row), unique_prompts=len(self.prompts))
-
-
-def seed_count(spec, available):
-    """--seed-size: a count ("50000"), a fraction ("0.06", "6%") or "all" -> a number of pairs."""
-    text = str(spec).strip().lower()
-    if text.isdigit():
-        n = int(text)
-    else:
-        try:
-            frac = 1.0 if text == "all" else float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-        except ValueError:
-            raise SailError(f"--seed-size {spec}: expected a count, a fraction, a percentage or 'all'") from None
-        if not 0 < frac <= 1:
-            raise SailError(f"--seed-size {spec}: a fraction must be in (0, 1]")
-        n = max(1, round(frac * available))
-    if not 1 <= n <= available:
-        raise SailError(f"--seed-size {spec}: asks {n} pairs but the split has {available} non-tie pairs")
-    return n
-
-
-def select_rows(scan, n, seed, by_prompt):
-    """Sorted positions of n pairs drawn with `seed`: whole prompts in random order (the last one maybe in
-    part), or single pairs."""
-    rng = np.random.default_rng(seed)
-    if n == len(scan.row):
-        return np.arange(n)
-    if not by_prompt:
-        return np.sort(rng.choice(len(scan.row), n, replace=False))
-    prompt_rank = rng.permutation(len(scan.prompts))
-    return np.sort(np.lexsort((rng.random(len(scan.row)), prompt_rank[scan.pidx]))[:n])
-
-
-def prompt_lines(path):
-    """Prompts of a .jsonl ("prompt" field) or .txt (one per line) file; errors name file and line."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        yield from (row["prompt"] for row in read_jsonl(path, required=("prompt",), types={"prompt": str}))
-    else:
-        with open(path, encoding="utf-8") as f:
-            yield from (line.rstrip("\r\n") for line in f)
-
-
-def choose_pool_prompts(candidates, excluded, total, seed):
-    """The `total` eligible unique prompts of smallest seeded hash, in that order, as (prompt_id, text). Streams:
-    memory holds `total` prompts however long the candidate list; the first spelling of a prompt is kept."""
-    heap, chosen = [], {}
-    for text in candidates:
-        norm = normalise_prompt(text)
-        if not norm or norm in excluded or norm in chosen:
-            continue
-        key = int.from_bytes(hashlib.sha256(f"{seed}/pool/{norm}".encode()).digest()[:8], "big")
-        if len(heap) < total:
-            heapq.heappush(heap, (-key, norm))
-        elif key < -heap[0][0]:
-            del chosen[heapq.heapreplace(heap, (-key, norm))[1]]
-        else:
-            continue
-        chosen[norm] = text
-    return [(prompt_id(norm), chosen[norm]) for _, norm in sorted(heap, reverse=True)]
 
 
 def image_name(uid, shard, row, side):
@@ -264,21 +200,6 @@ def extract_pairs(scan, picked, out_dir, on_corrupt, batch_rows=16, desc="images
     pool.shutdown()
     bar.close()
     return pairs, corrupt, counts
-
-
-def check_run_folder(run, settings, outputs):
-    """True when this very import is complete; refuses a folder holding another import or foreign files."""
-    plan = run / "seed" / "plan.json"
-    if not plan.is_file():
-        found = [str(p) for p in (seed_pairs_path(run), run / "val/pairs.jsonl", *pool_paths(run))
-                 if p.exists()]
-        if found:
-            raise SailError(f"{', '.join(found)} exist(s) but were not written by this importer (no {plan}); not overwriting")
-        return False
-    check_settings(plan, settings, f"use another --run, or delete {run}/seed, {run}/pools and {run}/val")
-    return (run / "seed" / "stats.json").is_file() and all(p.is_file() for p in outputs) and all(
-        (p.parent / row[side]).is_file() for p in outputs if p.parent.name != "pools"
-        for row in read_jsonl(p) for side in ("image_w", "image_l"))
 
 
 def main(args):

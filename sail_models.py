@@ -1,6 +1,7 @@
 """Models of the kit: presets, device and precision, kit-built models (tiny ones of the released
-architectures; the toy base named by folder), what a --model value names (`describe_model`), and
-loading, saving and exporting checkpoints, with the rule that SDXL's VAE runs in float32.
+architectures; the toy base named by folder), what a --model value names (`describe_model`),
+loading, saving and exporting checkpoints with the rule that SDXL's VAE encodes in float32, and
+the one generation loop (`draw_images`) that 01, 05 and the toy share.
 """
 import hashlib
 import json
@@ -162,11 +163,18 @@ def build_tiny_pipeline(arch, out_dir, seed=0):
     return out_dir
 
 
+def tiny_model_dir(arch):
+    """Where the tiny model of `arch` is cached: named by a hash of its configs, so a change builds anew."""
+    import model_configs
+    config = json.dumps(model_configs.tiny_configs(arch, 0), sort_keys=True, default=str)
+    return CACHE_DIR / f"tiny-{arch}-{hashlib.sha1(config.encode()).hexdigest()[:8]}"
+
+
 def resolve_model_path(model):
     """A preset's model name -> something from_pretrained accepts. Kit-built models are made
     (deterministically) on first use under $SAIL_CACHE."""
     if model in ("tiny:sd15", "tiny:sdxl"):
-        path = CACHE_DIR / model.replace(":", "-")
+        path = tiny_model_dir(model.split(":")[1])
         if not (path / "model_index.json").is_file():
             build_tiny_pipeline(model.split(":")[1], path)
         return str(path)

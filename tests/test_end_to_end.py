@@ -81,7 +81,7 @@ def test_tiny_sdxl_trains_the_same_weights_whatever_sampler_it_ships(tmp_path):
     import sail_models as models
     caches = {name: tmp_path / f"cache-{name}" for name in ("euler", "ddim")}
     for name, cache in caches.items():
-        folder = models.build_tiny_pipeline("sdxl", cache / "tiny-sdxl")
+        folder = models.build_tiny_pipeline("sdxl", cache / models.tiny_model_dir("sdxl").name)
         if name == "ddim":
             config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             assert config["_class_name"] == "EulerDiscreteScheduler"

@@ -120,6 +120,7 @@ import sys
 sys.modules["peft"] = None  # as if peft were not installed: importing it fails
 sys.path.insert(0, {str(ROOT)!r})
 from conftest import load_stage
+import run_files
 train = load_stage("04_train")
 base = ["--iter", "0", "--preset", "tiny-sd15", "--max-steps", "1", "--batch-size", "4"]
 run_files.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "full")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base]))

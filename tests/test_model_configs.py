@@ -89,3 +89,12 @@ def test_text_encoders_pool_at_the_end_of_text_token(arch):
     at_end = out.last_hidden_state[0, ids[0].tolist().index(eos)]
     expected = encoder.text_projection(at_end) if arch == "sdxl" else at_end
     torch.testing.assert_close(pooled[0], expected)
+
+
+def test_tiny_sdxl_text_encoders_differ_in_width_as_released():
+    """SDXL's second text encoder is the wider one and the UNet attends to both side by side: loaders
+    such as from_single_file tell the encoders apart by width, so the tiny model keeps that order."""
+    for cfg in (model_configs.released_configs("sdxl"), model_configs.tiny_configs("sdxl", 300)):
+        widths = [t["hidden_size"] for t in cfg["text"]]
+        assert widths[0] < widths[1] and cfg["unet"]["cross_attention_dim"] == sum(widths)
+        assert cfg["text"][1]["projection_dim"] == widths[1]

@@ -1,0 +1,91 @@
+"""How an importer turns labelled pairs into a run's data (prepare_pickapic.py, import_pairs.py,
+label.py): the seed's size and its seeded choice, prompt pools chosen by a seeded hash and kept
+disjoint from every other prompt set, and the check that a run folder holds this very import.
+"""
+import hashlib
+import heapq
+from pathlib import Path
+
+import numpy as np
+
+from run_files import SailError, check_settings, normalise_prompt, pool_paths, read_jsonl, seed_pairs_path
+
+KIT_PROMPTS = Path(__file__).resolve().parent / "prompts"  # the evaluation prompts, kept out of every pool
+
+
+def prompt_id(norm):
+    return hashlib.sha1(norm.encode()).hexdigest()[:12]
+
+
+def seed_count(spec, available):
+    """--seed-size: a count ("50000"), a fraction ("0.06", "6%") or "all" -> a number of pairs."""
+    text = str(spec).strip().lower()
+    if text.isdigit():
+        n = int(text)
+    else:
+        try:
+            frac = 1.0 if text == "all" else float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        except ValueError:
+            raise SailError(f"--seed-size {spec}: expected a count, a fraction, a percentage or 'all'") from None
+        if not 0 < frac <= 1:
+            raise SailError(f"--seed-size {spec}: a fraction must be in (0, 1]")
+        n = max(1, round(frac * available))
+    if not 1 <= n <= available:
+        raise SailError(f"--seed-size {spec}: asks {n} pairs but the split has {available} non-tie pairs")
+    return n
+
+
+def select_rows(scan, n, seed, by_prompt):
+    """Sorted positions of n pairs drawn with `seed`: whole prompts in random order (the last one maybe in
+    part), or single pairs."""
+    rng = np.random.default_rng(seed)
+    if n == len(scan.row):
+        return np.arange(n)
+    if not by_prompt:
+        return np.sort(rng.choice(len(scan.row), n, replace=False))
+    prompt_rank = rng.permutation(len(scan.prompts))
+    return np.sort(np.lexsort((rng.random(len(scan.row)), prompt_rank[scan.pidx]))[:n])
+
+
+def prompt_lines(path):
+    """Prompts of a .jsonl ("prompt" field) or .txt (one per line) file; errors name file and line."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        yield from (row["prompt"] for row in read_jsonl(path, required=("prompt",), types={"prompt": str}))
+    else:
+        with open(path, encoding="utf-8") as f:
+            yield from (line.rstrip("\r\n") for line in f)
+
+
+def choose_pool_prompts(candidates, excluded, total, seed):
+    """The `total` eligible unique prompts of smallest seeded hash, in that order, as (prompt_id, text). Streams:
+    memory holds `total` prompts however long the candidate list; the first spelling of a prompt is kept."""
+    heap, chosen = [], {}
+    for text in candidates:
+        norm = normalise_prompt(text)
+        if not norm or norm in excluded or norm in chosen:
+            continue
+        key = int.from_bytes(hashlib.sha256(f"{seed}/pool/{norm}".encode()).digest()[:8], "big")
+        if len(heap) < total:
+            heapq.heappush(heap, (-key, norm))
+        elif key < -heap[0][0]:
+            del chosen[heapq.heapreplace(heap, (-key, norm))[1]]
+        else:
+            continue
+        chosen[norm] = text
+    return [(prompt_id(norm), chosen[norm]) for _, norm in sorted(heap, reverse=True)]
+
+
+def check_run_folder(run, settings, outputs):
+    """True when this very import is complete; refuses a folder holding another import or foreign files."""
+    plan = run / "seed" / "plan.json"
+    if not plan.is_file():
+        found = [str(p) for p in (seed_pairs_path(run), run / "val/pairs.jsonl", *pool_paths(run))
+                 if p.exists()]
+        if found:
+            raise SailError(f"{', '.join(found)} exist(s) but were not written by this importer (no {plan}); not overwriting")
+        return False
+    check_settings(plan, settings, f"use another --run, or delete {run}/seed, {run}/pools and {run}/val")
+    return (run / "seed" / "stats.json").is_file() and all(p.is_file() for p in outputs) and all(
+        (p.parent / row[side]).is_file() for p in outputs if p.parent.name != "pools"
+        for row in read_jsonl(p) for side in ("image_w", "image_l"))
