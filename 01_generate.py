@@ -47,6 +47,7 @@ def build_parser():
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N prompts of the pool (quick runs)")
+    models.add_speed_flags(p)
     return p
 
 
@@ -103,6 +104,7 @@ def main(args):
     if mine:
         dtype = models.inference_dtype(state.device, args.mixed_precision)
         pipe = models.load_pipeline(desc, state.device, dtype, sampler=args.sampler)
+        pipe.unet = models.speed_up(pipe.unet, args.compile, args.fuse_qkv, args.channels_last)
         start = time.time()
         for first, images in models.draw_images(pipe, [j["prompt"] for j in mine], [j["seed"] for j in mine], args.steps,
                                                 args.cfg, args.resolution, args.gen_batch, f"generate[{state.process_index}]"):

@@ -61,6 +61,7 @@ def build_parser():
     p.add_argument("--reward-batch", type=int, help="UNet inputs per forward pass")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
+    models.add_speed_flags(p)
     return p
 
 
@@ -156,7 +157,9 @@ def main(args):
         device = state.device
         dtype = models.inference_dtype(device, args.mixed_precision)
         pipe = models.load_pipeline(desc, device, dtype, encoding=True)
-        unet, ref_unet = pipe.unet.eval(), models.load_unet(ref_desc, dtype).to(device).eval()
+        speed = dict(compile=args.compile, fuse_qkv=args.fuse_qkv, channels_last=args.channels_last)
+        unet = models.speed_up(pipe.unet.eval(), **speed)
+        ref_unet = models.speed_up(models.load_unet(ref_desc, dtype).to(device).eval(), **speed)
         resolution = preset["resolution"]
         start = time.time()
         with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:

@@ -57,6 +57,8 @@ if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
     toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy.py" data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;
     *) echo "error: $RUN/seed/pairs.jsonl not found. Import the seed set and prompt pools first:" >&2
        echo "  python prepare_pickapic.py --parquet-dir /path/to/pickapic_v2 --run $RUN" >&2
+       echo "  or your own pairs: python import_pairs.py --run $RUN --pairs-file my.csv (docs/own_pairs.md)" >&2
+       echo "  or label them in the browser: python label.py --run $RUN --prompts FILE --preset $PRESET (docs/labelling.md)" >&2
        exit 2 ;;
   esac
 fi
@@ -76,7 +78,12 @@ done
 
 if [[ "$EVAL" == 1 ]]; then
   case "$PRESET" in
-    toy|tiny-*) stage "oracle report" $PY "$KIT/toy.py" report --run "$RUN" ;;
+    toy|tiny-*)
+      if [[ -f "$RUN/eval/prompts.jsonl" ]]; then
+        stage "oracle report" $PY "$KIT/toy.py" report --run "$RUN"
+      else  # a seed set not made by toy.py data (label.py, import_pairs.py) brings no evaluation prompts
+        log "no $RUN/eval/prompts.jsonl: oracle report skipped"
+      fi ;;
     *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-parti}" ;;
   esac
 fi

@@ -275,6 +275,22 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False):
     return pipe.to(device)
 
 
+def add_speed_flags(parser):
+    """The flags that only pay on a GPU; outputs equal the plain path's up to round-off."""
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays on a GPU after a warm-up)")
+    parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v attention projections (inference)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
+
+
+def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
+    """The UNet with the speed options asked for (tests/test_speed_options.py: same outputs up to round-off)."""
+    if fuse_qkv:
+        unet.fuse_qkv_projections()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    return torch.compile(unet) if compile else unet
+
+
 def draw_images(pipe, prompts, seeds, steps, cfg, resolution, batch_size, label="generate"):
     """The kit's one generation loop (01, 05 and the toy): one image per (prompt, seed), drawn in
     batches of batch_size; yields (index of the batch's first image, its PIL images). Each image has

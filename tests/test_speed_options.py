@@ -1,0 +1,84 @@
+"""The flags that only pay on a GPU (--fuse-qkv, --channels-last, --compile) change speed, not results:
+the UNet's outputs, 01's images and 02's rewards equal the plain path's up to round-off."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_stage
+from helpers import make_pool
+from PIL import Image
+
+import run_files
+import sail_models as models
+from dpo_maths import unet_call
+
+generate = load_stage("01_generate")
+self_reward = load_stage("02_self_reward")
+FAST_FLAGS = ["--fuse-qkv", "--channels-last"]
+
+
+def run(stage, *argv):
+    run_files.run_stage(stage.locked_main, stage.build_parser().parse_args([str(a) for a in argv]))
+
+
+def unet_outputs(arch, **speed):
+    desc = models.describe_model(f"tiny-{arch}")
+    unet = models.speed_up(models.load_unet(desc).eval(), **speed)
+    if not speed.get("compile"):  # the options are applied, not just accepted
+        fused = {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+        assert fused == bool(speed.get("fuse_qkv"))
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == bool(speed.get("channels_last"))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=generator)
+    cond = {"embeds": torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)}
+    if arch == "sdxl":  # the pooled embedding: what the time-id projection takes beyond the 6 ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        cond["pooled"] = torch.randn(2, pooled, generator=generator)
+    with torch.no_grad():
+        return unet_call(unet, latents, torch.tensor([10, 900]), cond, 32)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("speed", [dict(fuse_qkv=True), dict(channels_last=True), dict(fuse_qkv=True, channels_last=True)])
+def test_unet_outputs_equal_the_plain_unet(arch, speed):
+    plain, fast = unet_outputs(arch), unet_outputs(arch, **speed)
+    assert fast.shape == plain.shape and torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)
+
+
+def perturbed_checkpoint(folder):
+    """tiny-sd15 with its UNet weights moved a little: a model that differs from its reference."""
+    unet = models.load_unet(models.describe_model("tiny-sd15"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    models.save_checkpoint(unet, folder, dict(base_model="tiny:sd15", arch="sd15", preset="tiny-sd15", iteration=0,
+                                              parent="tiny:sd15"))
+    return folder
+
+
+def test_generation_and_self_reward_equal_the_plain_path(tmp_path):
+    pool = make_pool(tmp_path / "pool.jsonl", range(2))
+    ckpt = perturbed_checkpoint(tmp_path / "ckpt")
+    results = {}
+    for name, flags in (("plain", []), ("fast", FAST_FLAGS)):
+        out = tmp_path / name
+        run(generate, "--ckpt", ckpt, "--pool", pool, "--num-candidates", 2, "--out", out, *flags)
+        run(self_reward, "--ckpt", ckpt, "--dir", out, "--draws", 2, *flags)
+        gens = run_files.read_jsonl(out / "generations.jsonl")
+        images = [np.asarray(Image.open(out / g["image"]), dtype=np.int16) for g in gens]
+        rewards = {(r["prompt_id"], r["index"]): r["reward"] for r in run_files.read_jsonl(out / "rewards.jsonl")}
+        results[name] = images, rewards
+        assert json.loads((out / "self_reward.args.json").read_text())["fuse_qkv"] == (name == "fast")
+    for plain, fast in zip(results["plain"][0], results["fast"][0]):
+        assert np.abs(plain - fast).max() <= 2  # a grey level of round-off, at most two
+    assert results["plain"][1].keys() == results["fast"][1].keys()
+    for key, reward in results["plain"][1].items():
+        assert results["fast"][1][key] == pytest.approx(reward, abs=1e-2)
+
+
+@pytest.mark.slow
+def test_compiled_unet_outputs_equal_the_plain_unet():
+    plain, fast = unet_outputs("sd15"), unet_outputs("sd15", compile=True)
+    assert torch.allclose(fast, plain, atol=1e-4, rtol=1e-3)
