@@ -3,15 +3,17 @@
 This is 04_train.py with the base model as start and reference and seed/pairs.jsonl as data
 (one training loop in the kit). Every 04_train.py flag works here too.
 
-Command:
+Commands:
     python 00_seed_dpo.py --run runs/toy --preset toy
 is short for
     python 04_train.py --init toy --pairs runs/toy/seed/pairs.jsonl --out runs/toy/iter_00/ckpt --iter 0
+With a TensorBoard log and validation images every 100 steps (docs/training.md):
+    python 00_seed_dpo.py --run runs/toy --preset toy --report-to tensorboard --validation-every 100
 
 Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy.py data, prepare_pickapic.py,
         or any pair file in the kit's format), the preset's base model.
 Writes: runs/<run>/iter_00/ckpt/ (unet/, sail.json, train_log.jsonl), iter_00/train.args.json,
-        iter_00/log.txt.
+        iter_00/log.txt; with --report-to, iter_00/tracker/; with --validation-every, iter_00/validation/.
 """
 import importlib
 

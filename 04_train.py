@@ -16,22 +16,25 @@ Commands (iteration i of a run; iteration 0 is the seed DPO, see 00_seed_dpo.py)
 is short for
     python 04_train.py --init runs/toy/iter_00/ckpt --pairs runs/toy/iter_01/train_pairs.jsonl \
         --out runs/toy/iter_01/ckpt
-Several GPUs: `accelerate launch 04_train.py ...` (the effective batch stays --batch-size pairs).
+Several GPUs: `accelerate launch 04_train.py ...` (the effective batch stays --batch-size pairs; FSDP
+and DeepSpeed configs for 8 GPUs in configs/, see docs/training.md). Trackers: --report-to tensorboard
+(`tensorboard --logdir runs/toy/iter_01/tracker`); images during training: --validation-every 50.
 
 Reads:  the pair file and its images; the start checkpoint (ckpt/unet + sail.json) or, for
         iteration 0, the preset's base model.
 Writes: <out>/unet/ (diffusers safetensors), <out>/sail.json (where it came from),
-        <out>/train_log.jsonl; with --lora-rank also <out>/lora/, the adapter alone, for a
-        pipeline of the start model (`pipe.load_lora_weights("<out>/lora")`); train.args.json
-        and log.txt beside <out>. While it runs, <out>.partial/ holds resumable state every
-        --save-every steps and the settings that decide the weights; a killed run continues from
-        there when rerun with the same settings (other ones stop it; --restart discards the state).
-        A finished <out> is never overwritten.
+        <out>/train_log.jsonl; with --lora-rank also <out>/lora/, the adapter alone, for a pipeline
+        of the start model (`pipe.load_lora_weights("<out>/lora")`); train.args.json, log.txt and
+        train.timing.json beside <out>, and there with --report-to tracker/, with
+        --validation-every validation/ (images per drawn step, grid.png). While it runs,
+        <out>.partial/ holds a resumable state every --save-every steps (state-<step>/, the newest
+        --keep-states of them) and the settings that decide the weights; a killed run continues
+        from the newest state when rerun with the same settings (other ones stop it; --restart
+        discards the state). A finished <out> is never overwritten.
 
 Learning rate: DiffusionDPO's scaled rule, lr = 1e-8 per pair x effective batch (128 -> 1.28e-6).
 """
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -46,6 +49,7 @@ import torch
 import dpo_maths
 import run_files
 import sail_models as models
+import train_tools as tools
 from lora import LORA_TARGETS, add_lora, lora_config, save_lora
 
 log = logging.getLogger("sail")
@@ -65,7 +69,8 @@ def build_parser():
     p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process")
     p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
     p.add_argument("--lr-per-pair", type=float, default=1e-8)
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], help="paper: adamw SD1.5, adafactor SDXL")
+    p.add_argument("--optimizer", choices=["adamw", "adafactor", "adamw8bit"],
+                   help="paper: adamw SD1.5, adafactor SDXL; adamw8bit: bitsandbytes' 8-bit AdamW")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -75,14 +80,20 @@ def build_parser():
     p.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (default for presets with flip=False)")
     p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: the accelerate config's, else the preset's")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (on by default for sdxl)")
     p.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank instead of the whole UNet (0: whole UNet, the paper's setting)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha: the rank)")
     p.add_argument("--no-cache-latents", action="store_true", help="VAE-encode every step instead of once")
+    p.add_argument("--latent-cache-gb", type=float, default=8.0,
+                   help="RAM for the latents of pairs seen again (epochs > 1); at one epoch nothing is cached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (0: never)")
+    p.add_argument("--keep-states", type=int, default=1, help="resumable states kept (the newest N)")
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb", "all"], default="none", help="experiment tracker")
+    p.add_argument("--validation-prompts", default="4", help="N (the pair file's first N prompts) or a prompt file")
+    p.add_argument("--validation-every", type=int, default=0, help="steps between validation images (0: none)")
     p.add_argument("--restart", action="store_true", help="discard a killed run's state instead of resuming")
     p.add_argument("--export-pipeline", type=Path, help="also write a full diffusers pipeline folder here")
     return p
@@ -126,10 +137,9 @@ def main(args):
 
 def setup(args):
     """Settle the arguments, read the pairs, load the models, and start afresh or resume: the job."""
-    from accelerate import Accelerator
-
     init = models.describe_model(args.init)
     preset = models.get_preset(args.preset or init.preset or "sd15")
+    args.mixed_precision = args.mixed_precision or tools.mixed_precision_from_accelerate()
     models.fill_defaults(args, preset, PRESET_KEYS)
     args.gradient_checkpointing = args.gradient_checkpointing or preset.get("gradient_checkpointing", False)
     args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
@@ -137,8 +147,10 @@ def setup(args):
     if args.lora_rank < 0:
         raise run_files.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
     args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    if args.keep_states < 1:
+        raise run_files.SailError(f"--keep-states {args.keep_states}: keep at least 1")
     out = Path(args.out)
+    accelerator = tools.make_accelerator(args.mixed_precision, args.report_to, out.parent)
     if accelerator.is_main_process:
         run_files.setup_logging(out.parent, "train")
     pairs = run_files.read_pairs(args.pairs)
@@ -147,20 +159,28 @@ def setup(args):
     per_process = args.batch_size // accelerator.num_processes
     if per_process * accelerator.num_processes != args.batch_size or per_process < 1:
         raise run_files.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
-    job = SimpleNamespace(args=args, init=init, accelerator=accelerator, device=accelerator.device, out=out, pairs=pairs,
-                          partial=out.with_name(out.name + ".partial"), micro=min(args.micro_batch or per_process, per_process),
+    job = SimpleNamespace(args=args, init=init, preset=preset, accelerator=accelerator, device=accelerator.device, out=out,
+                          pairs=pairs, partial=out.with_name(out.name + ".partial"),
+                          micro=tools.micro_batch(args.micro_batch or per_process, per_process),
                           total_steps=args.max_steps or max(1, math.ceil(args.epochs * len(pairs) / args.batch_size)),
-                          latent_cache={}, window=[], start_step=0)
+                          window=[], start_step=0)
+    tools.configure_accumulation(accelerator, per_process // job.micro, job.micro, args.max_grad_norm)
     load_models(job)
     resume_or_start(job)
     job.counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
-    log.info("DPO: %d pairs (%d human, %d self) from %s | init %s | %d steps x %d pairs | lr %.3g | beta %g | %s",
-             len(pairs), job.counts["human"], job.counts["self"], args.pairs, args.init, job.total_steps, args.batch_size,
-             args.lr, args.beta, args.optimizer)
+    log.info("DPO: %d pairs (%d human, %d self) from %s | init %s | %d steps x %d pairs | lr %.3g | beta %g | %s | "
+             "%d process(es), %s, micro batch %d", len(pairs), job.counts["human"], job.counts["self"], args.pairs, args.init,
+             job.total_steps, args.batch_size, args.lr, args.beta, args.optimizer, accelerator.num_processes,
+             accelerator.distributed_type.value, job.micro)
     job.order = []
     for epoch in range(math.ceil(job.total_steps * args.batch_size / len(pairs)) + 1):
         seed = models.derive_seed(args.seed, "order", epoch)
         job.order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    uses = tools.future_uses(job.order, job.start_step, job.total_steps, args.batch_size, accelerator.process_index,
+                             accelerator.num_processes)
+    job.latent_cache = tools.LatentCache(uses, 0 if args.no_cache_latents else args.latent_cache_gb * 2**30)
+    tools.start_trackers(job)
+    tools.start_validation(job, resumed=job.start_step > 0)
     job.timer = job.loop_start = time.time()
     return job
 
@@ -173,7 +193,8 @@ def load_models(job):
     job.pipe = pipe = models.load_pipeline(job.init, device, job.frozen_dtype, encoding=True)
     unet = models.load_unet(job.init, torch.float32)
     n_params = sum(p.numel() for p in unet.parameters())
-    run_files.check_free_space(job.out.parent, n_params * 4 * (5 if args.save_every else 2), "the checkpoint and resumable state")
+    states = 3 * args.keep_states if args.save_every else 0  # each: the weights and AdamW's two moments
+    run_files.check_free_space(job.out.parent, n_params * 4 * (2 + states), "the checkpoint and resumable states")
     if args.lora_rank:
         unet = add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed).to(device)
         job.ref_unet, job.ref_dtype = unet, torch.float32  # unwrapped, so switching its adapter off never goes through DDP
@@ -190,7 +211,7 @@ def load_models(job):
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = dpo_maths.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
-                                         args.weight_decay)
+                                     args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     job.unet, job.optimizer, job.schedule = job.accelerator.prepare(unet, optimizer, schedule)
     job.noise_scheduler = dpo_maths.forward_process(pipe.scheduler)
@@ -207,8 +228,10 @@ def resume_or_start(job):
         if not (partial / "settings.json").is_file():
             raise run_files.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
         run_files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
-        job.start_step = json.loads((partial / "progress.json").read_text())["step"]
-        accelerator.load_state(str(partial / "state"))
+        job.start_step, state = tools.resume_state(partial)
+        accelerator.load_state(str(state))
+        if accelerator.is_main_process:
+            tools.trim_log(partial / "train_log.jsonl", job.start_step)
         log.info("resuming from %s at step %d", partial, job.start_step)
     elif accelerator.is_main_process:
         partial.mkdir(parents=True, exist_ok=True)
@@ -218,62 +241,46 @@ def resume_or_start(job):
         run_files.save_args(job.out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(job.pairs))
 
 
-def pair_latents(job, rows):
-    """VAE latents of the pairs' transformed images, cached unless --no-cache-latents: (2B, C, h, w),
-    all preferred images first, then all dispreferred."""
-    args, cache = job.args, job.latent_cache
-    todo = [r for r in rows if r["_index"] not in cache]
-    if todo:
-        images = [img for r in todo for img in dpo_maths.load_pair_pixels(r, args.resolution, args.seed, args.random_crop, not args.no_flip)]
-        gens = [torch.Generator().manual_seed(models.derive_seed(args.seed, "vae", r["_index"], side)) for r in todo for side in "wl"]
-        lat = dpo_maths.encode_images(job.pipe.vae, images, job.device, sample_generator=gens).to(job.frozen_dtype)
-        for j, r in enumerate(todo):
-            cache[r["_index"]] = lat[2 * j:2 * j + 2].cpu() if job.device.type != "cpu" else lat[2 * j:2 * j + 2]
-    batch = torch.stack([cache[r["_index"]] for r in rows]).to(job.device)
-    if args.no_cache_latents:
-        cache.clear()
-    return torch.cat([batch[:, 0], batch[:, 1]]).float()
-
-
 def train_step(job, step):
-    """One optimizer step on --batch-size pairs, in micro batches; returns the batch's mean loss,
-    implicit accuracy and reward margin."""
+    """One optimizer step on --batch-size pairs, in micro batches accumulated by accelerate (equal micro
+    batches, so its mean of means is the mean over pairs); returns the batch's mean loss, implicit
+    accuracy and reward margin, and the gradient norm before clipping."""
     args, accelerator, device = job.args, job.accelerator, job.device
     step_rows = [job.pairs[i] for i in job.order[step * args.batch_size:(step + 1) * args.batch_size]]
     mine = step_rows[accelerator.process_index::accelerator.num_processes]
     stats = []
+    accelerator.step = 0  # this step's micro batches count from 0 whatever the micro batch of an earlier start
     for m in range(0, len(mine), job.micro):
         rows = mine[m:m + job.micro]
         prompts = ["" if random.Random(models.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
                    else r["prompt"] for r in rows]
-        latents = pair_latents(job, rows)
+        latents = tools.pair_latents(job, rows)
         # noise and timestep depend on (step, pair) only: the same for any number of processes
         gens = [torch.Generator().manual_seed(models.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
         noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device)
         t = torch.cat([torch.randint(0, job.noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
         cond = dpo_maths.encode_prompts(job.pipe, prompts, device)
-        last = m + job.micro >= len(mine)
-        with accelerator.autocast(), (contextlib.nullcontext() if last else accelerator.no_sync(job.unet)):
+        with accelerator.accumulate(job.unet), tools.autocast(job):
             result = dpo_maths.dpo_micro_batch(job.unet, job.ref_unet, job.noise_scheduler, latents, noise, t.to(device),
                                                cond, args.resolution, args.beta, job.ref_dtype,
                                                lora_reference=bool(args.lora_rank))
-            accelerator.backward(result.loss * len(rows) / len(mine))
+            accelerator.backward(result.loss)  # divided by the number of micro batches
         stats.append([x.item() * len(rows) for x in result[:3]])
     finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
     if accelerator.reduce(finite, "min").item() < 1:
         raise run_files.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
                                   f"no checkpoint written. Lower --lr or use --mixed-precision no/bf16")
-    if args.max_grad_norm:
-        accelerator.clip_grad_norm_(job.unet.parameters(), args.max_grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(job.unet.parameters(), args.max_grad_norm) if args.max_grad_norm else None
     job.optimizer.step()
     job.schedule.step()
     job.optimizer.zero_grad(set_to_none=True)
-    return (accelerator.reduce(torch.tensor([sum(c) for c in zip(*stats)], device=device), "sum") / args.batch_size).tolist()
+    totals = (accelerator.reduce(torch.tensor([sum(c) for c in zip(*stats)], device=device), "sum") / args.batch_size).tolist()
+    return totals + [float("nan") if grad_norm is None else float(grad_norm)]
 
 
 def log_and_save(job, step, totals):
-    """Log the mean of the last --log-every steps (log and train_log.jsonl); every --save-every
-    steps, the resumable state."""
+    """Log the mean of the last --log-every steps (log, train_log.jsonl, trackers); every --save-every
+    steps, the resumable state; every --validation-every steps and at the end, validation images."""
     args, accelerator, partial = job.args, job.accelerator, job.partial
     job.window.append(totals)
     if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == job.total_steps):
@@ -281,29 +288,29 @@ def log_and_save(job, step, totals):
         rate = len(job.window) * args.batch_size / (time.time() - job.timer)
         row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
                    lr=job.schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
+        row.update({"grad_norm": round(mean[3], 5)} if math.isfinite(mean[3]) else {}, **tools.memory_use(job.device))
         log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
                  step + 1, job.total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
         with open(partial / "train_log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
         job.timer, job.window = time.time(), []
+    if job.validation and ((step + 1) % args.validation_every == 0 or step + 1 == job.total_steps):
+        tools.validate(job, step + 1)
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < job.total_steps:
-        accelerator.wait_for_everyone()
-        tmp_state = partial / "state.tmp"
-        accelerator.save_state(str(tmp_state))
-        if accelerator.is_main_process:
-            shutil.rmtree(partial / "state", ignore_errors=True)
-            tmp_state.rename(partial / "state")
-            run_files.write_json_atomic(partial / "progress.json", {"step": step + 1})
+        tools.save_state(job, step + 1, args.keep_states)
 
 
 def finish(job):
     """Write the checkpoint (the LoRA merged in, the adapter beside it) with where it came from."""
     args, accelerator, init, partial, out = job.args, job.accelerator, job.init, job.partial, job.out
     accelerator.wait_for_everyone()
+    model = tools.whole_unet(job, args.lora_rank and (lambda unet: add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed)))
+    accelerator.end_training()
     if not accelerator.is_main_process:
         return
-    run_files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs",
-                          time.time() - job.loop_start)
+    timing = run_files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs",
+                                   time.time() - job.loop_start)
     iteration = args.iter if args.iter is not None else 0 if init.iteration is None else init.iteration + 1
     info = dict(base_model=init.base_model, arch=init.arch, preset=args.preset or init.preset,
                 parent=init.ckpt or init.base_model, iteration=iteration, pairs=str(args.pairs), pair_counts=job.counts,
@@ -311,7 +318,6 @@ def finish(job):
                 num_processes=accelerator.num_processes,
                 lora=dict(rank=args.lora_rank, alpha=args.lora_alpha, target_modules=LORA_TARGETS) if args.lora_rank else None,
                 args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-    model = accelerator.unwrap_model(job.unet)
     if args.lora_rank:
         shutil.rmtree(partial / "lora", ignore_errors=True)
         save_lora(model, partial / "lora", init.arch)
@@ -322,7 +328,8 @@ def finish(job):
     if args.lora_rank:
         shutil.move(str(partial / "lora"), out / "lora")
     shutil.rmtree(partial, ignore_errors=True)
-    log.info("wrote %s", out)
+    log.info("wrote %s (%.1f pairs/s, peak RAM %.2f GiB%s)", out, timing["rate"], timing["peak_ram_gib"],
+             f", peak GPU memory {timing['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in timing else "")
     if args.export_pipeline:
         models.export_pipeline(out, args.export_pipeline)
         log.info("wrote full pipeline %s", args.export_pipeline)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from run_files import load_image
+from run_files import SailError, load_image
 from sail_models import derive_seed
 
 BETA = 5000.0  # the paper's and DiffusionDPO's beta (see above)
@@ -216,6 +216,14 @@ def adapters_off(unet):
 
 
 def make_optimizer(name, params, lr, weight_decay):
+    """adamw (SD1.5 in the paper), adafactor (SDXL, DiffusionDPO's settings), or bitsandbytes' 8-bit
+    AdamW (a quarter of AdamW's state memory; optional)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise SailError("--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes") from None
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
         from transformers.optimization import Adafactor
         return Adafactor(params, lr=lr, weight_decay=weight_decay, clip_threshold=1.0,

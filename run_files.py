@@ -211,6 +211,7 @@ def image_is_complete(path):
 # The on-disk contract between the stages: the only place in the code that spells its names
 # (run_all.sh states the pool file's name once more).
 ITERATION_PREFIX = "iter_"
+TRACKER_DIR, VALIDATION_DIR = "tracker", "validation"  # beside an iteration's checkpoint: 04's tracker logs, validation images
 
 
 def iteration_name(i):

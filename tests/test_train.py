@@ -196,3 +196,31 @@ def test_training_does_not_depend_on_the_sampler_a_model_folder_ships(tmp_path):
     for name in SCHEDULERS_WITH_THE_SAME_BETAS:
         for key, value in weights["EulerDiscreteScheduler"].items():
             torch.testing.assert_close(weights[name][key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_keep_states_keeps_the_newest_and_resumes_from_the_last(tmp_path, capsys, monkeypatch):
+    """--keep-states 2 keeps the two newest resumable states; a rerun continues from the newest, and the
+    train log holds each step once (a line torn by the kill dropped)."""
+    make_pairs(tmp_path / "seed", n=4)
+    argv = ["--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 4, "--batch-size", 2, "--save-every", 1,
+            "--log-every", 1, "--keep-states", 2]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the checkpoint")
+    monkeypatch.setattr(models, "save_checkpoint", crash)
+    with pytest.raises(RuntimeError):
+        run_train(*argv)
+    monkeypatch.undo()
+    partial = tmp_path / "iter_00" / "ckpt.partial"
+    assert sorted(p.name for p in partial.glob("state*")) == ["state-2", "state-3"]
+    assert json.loads((partial / "progress.json").read_text()) == {"step": 3}
+    with open(partial / "train_log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a log line torn by a kill
+    run_train(*argv)
+    assert "resuming from" in (tmp_path / "iter_00" / "log.txt").read_text()
+    assert "at step 3" in (tmp_path / "iter_00" / "log.txt").read_text()
+    log_rows = [json.loads(x) for x in (tmp_path / "iter_00" / "ckpt" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_rows] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit):
+        run_train("--run", tmp_path / "other", *argv[2:-1], 0)
+    assert "--keep-states 0: keep at least 1" in capsys.readouterr().err
