@@ -33,8 +33,8 @@ from PIL import Image
 
 from run_files import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, progress,
                        read_jsonl, run_stage, save_args, setup_logging, write_json_atomic, write_jsonl_atomic)
-from seed_split import (KIT_PROMPTS, check_run_folder, choose_pool_prompts, prompt_id, prompt_lines, seed_count,
-                        select_rows)
+from seed_split import (choose_pool_prompts, finished_import, pool_and_exclusion_files, prompt_id, prompt_lines,
+                        seed_count, select_rows)
 
 PAIR_COLUMNS = ("prompt", "image_a", "image_b", "choice")
 CHOICES = {"a": [1, 0], "b": [0, 1], "tie": [0, 0]}  # as merits of (image_a, image_b): higher is better
@@ -249,14 +249,7 @@ def read_source(args):
 
 def import_settings(args):
     """The pool sizes, the exclusion files and the settings that decide this import's outputs."""
-    text = args.pool_sizes.strip()
-    pool_sizes = [] if text in ("", "0", "none") else [int(x) if x.strip().isdigit() else 0 for x in text.split(",")]
-    if any(n < 1 for n in pool_sizes):
-        raise SailError(f"--pool-sizes {args.pool_sizes}: expected positive counts separated by commas, or 0 for none")
-    excludes = list(args.exclude_prompts if args.exclude_prompts is not None else sorted(KIT_PROMPTS.glob("*.jsonl")))
-    for f in [args.prompt_file] * bool(args.prompt_file) + excludes:
-        if not Path(f).is_file():
-            raise SailError(f"{f}: prompt file not found")
+    pool_sizes, excludes = pool_and_exclusion_files(args)
     file_id = lambda p: [Path(p).name, Path(p).stat().st_size] if p and Path(p).is_file() else p  # noqa: E731
     settings = dict(importer="import_pairs", pairs_file=file_id(args.pairs_file), rankings=file_id(args.rankings),
                     dataset=args.dataset, seed=args.seed, seed_size=str(args.seed_size), seed_sampling=args.seed_sampling,
@@ -286,11 +279,8 @@ def main(args):
     run, started = Path(args.run), time.time()
     settings, pool_sizes, excludes = import_settings(args)
     pools = [pool_path(run, i) for i in range(1, len(pool_sizes) + 1)]
-    outputs = [run / "seed" / "pairs.jsonl"] + pools + ([run / "val" / "pairs.jsonl"] if args.val_pairs else [])
     setup_logging(run, "import")
-    if check_run_folder(run, settings, outputs):
-        check_pools_disjoint(run)  # also against an eval/prompts.jsonl written since
-        log.info("%s is complete (seed/stats.json, %d output files, all images present); nothing to do", run, len(outputs))
+    if finished_import(run, settings, pools, args.val_pairs):
         return
     excludes += [run / "eval" / "prompts.jsonl"] if (run / "eval" / "prompts.jsonl").is_file() else []
     save_args(run, "import_pairs", args)

@@ -37,8 +37,8 @@ from PIL import Image
 
 from run_files import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, progress,
                        run_stage, save_args, setup_logging, write_json_atomic, write_jsonl_atomic)
-from seed_split import (KIT_PROMPTS, check_run_folder, choose_pool_prompts, prompt_id, prompt_lines, seed_count,
-                        select_rows)
+from seed_split import (choose_pool_prompts, finished_import, pool_and_exclusion_files, prompt_id, prompt_lines,
+                        seed_count, select_rows)
 
 NEEDED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 OTHER_SPLITS = ("validation", "validation_unique", "test", "test_unique")
@@ -212,26 +212,14 @@ def main(args):
     splits = {s: find_shards(args.parquet_dir, s, args.val_files if s == "validation" else None) for s in OTHER_SPLITS}
     if args.val_pairs and not splits["validation"]:
         raise SailError("no validation shards found for --val-pairs (give --val-files GLOB, or --val-pairs 0)")
-    try:
-        pool_sizes = [] if args.pool_sizes.strip() in ("", "0", "none") else [int(x) for x in args.pool_sizes.split(",")]
-    except ValueError:
-        pool_sizes = [0]
-    if any(n < 1 for n in pool_sizes):
-        raise SailError(f"--pool-sizes {args.pool_sizes}: expected positive counts separated by commas, or 0 for none")
-    excludes = list(args.exclude_prompts if args.exclude_prompts is not None else sorted(KIT_PROMPTS.glob("*.jsonl")))
-    for f in [args.prompt_file] * bool(args.prompt_file) + excludes:
-        if not Path(f).is_file():
-            raise SailError(f"{f}: prompt file not found")
+    pool_sizes, excludes = pool_and_exclusion_files(args)
     file_ids = lambda paths: [[Path(p).name, Path(p).stat().st_size] for p in paths]  # noqa: E731
     settings = dict(train=file_ids(train), **{s: file_ids(v) for s, v in splits.items()}, seed=args.seed,
                     seed_size=str(args.seed_size), seed_sampling=args.seed_sampling, pool_sizes=pool_sizes,
                     prompt_file=file_ids([args.prompt_file] if args.prompt_file else []), val_pairs=args.val_pairs,
                     exclude_prompts=file_ids(excludes))
     pools = [pool_path(run, i) for i in range(1, len(pool_sizes) + 1)]
-    outputs = [run / "seed" / "pairs.jsonl"] + pools + ([run / "val" / "pairs.jsonl"] if args.val_pairs else [])
-    if check_run_folder(run, settings, outputs):
-        check_pools_disjoint(run)  # also against an eval/prompts.jsonl written since
-        log.info("%s is complete (seed/stats.json, %d output files, all images present); nothing to do", run, len(outputs))
+    if finished_import(run, settings, pools, args.val_pairs):
         return
     # the run's own evaluation prompts count too, but only the files the user names make the settings
     excludes += [run / "eval" / "prompts.jsonl"] if (run / "eval" / "prompts.jsonl").is_file() else []

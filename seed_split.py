@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from run_files import SailError, check_settings, normalise_prompt, pool_paths, read_jsonl, seed_pairs_path
+from run_files import (SailError, check_pools_disjoint, check_settings, log, normalise_prompt, pool_paths, read_jsonl,
+                       seed_pairs_path)
 
 KIT_PROMPTS = Path(__file__).resolve().parent / "prompts"  # the evaluation prompts, kept out of every pool
 
@@ -89,3 +90,28 @@ def check_run_folder(run, settings, outputs):
     return (run / "seed" / "stats.json").is_file() and all(p.is_file() for p in outputs) and all(
         (p.parent / row[side]).is_file() for p in outputs if p.parent.name != "pools"
         for row in read_jsonl(p) for side in ("image_w", "image_l"))
+
+
+def finished_import(run, settings, pools, with_val):
+    """True, and says so, when the run folder holds this very import complete (seed, pools, validation
+    pairs and their images); False when it holds none; refuses another import's folder."""
+    outputs = [seed_pairs_path(run)] + list(pools) + ([run / "val" / "pairs.jsonl"] if with_val else [])
+    if not check_run_folder(run, settings, outputs):
+        return False
+    check_pools_disjoint(run)  # also against an eval/prompts.jsonl written since
+    log.info("%s is complete (seed/stats.json, %d output files, all images present); nothing to do", run, len(outputs))
+    return True
+
+
+def pool_and_exclusion_files(args):
+    """--pool-sizes as counts ([] for none), and the prompt files kept out of the pools (default: the
+    kit's evaluation prompts), each checked to exist, as both importers take them."""
+    text = args.pool_sizes.strip()
+    pool_sizes = [] if text in ("", "0", "none") else [int(x) if x.strip().isdigit() else 0 for x in text.split(",")]
+    if any(n < 1 for n in pool_sizes):
+        raise SailError(f"--pool-sizes {args.pool_sizes}: expected positive counts separated by commas, or 0 for none")
+    excludes = list(args.exclude_prompts if args.exclude_prompts is not None else sorted(KIT_PROMPTS.glob("*.jsonl")))
+    for f in [args.prompt_file] * bool(args.prompt_file) + excludes:
+        if not Path(f).is_file():
+            raise SailError(f"{f}: prompt file not found")
+    return pool_sizes, excludes
