@@ -373,6 +373,8 @@ def folder_lock(folder, stage, wait=False):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "check-pools":
         try:
+            if not Path(sys.argv[2]).is_dir():
+                raise SailError(f"{sys.argv[2]}: no such run folder")
             sets = check_pools_disjoint(sys.argv[2])
         except SailError as err:
             print(f"error: {err}", file=sys.stderr)

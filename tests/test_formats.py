@@ -103,6 +103,18 @@ def test_overlapping_pools_are_refused(tmp_path):
         run_files.check_pools_disjoint(tmp_path)
 
 
+def test_check_pools_command_refuses_a_missing_run_folder(tmp_path, monkeypatch, capsys):
+    """run_all.sh's pool check: a mistyped run folder is an error, not "disjoint"."""
+    monkeypatch.setattr("sys.argv", ["run_files.py", "check-pools", str(tmp_path / "typo")])
+    with pytest.raises(SystemExit) as stop:
+        run_files.main()
+    assert stop.value.code == 2 and "typo: no such run folder" in capsys.readouterr().err
+    make_pool(tmp_path / "pools" / "iter_01.jsonl", range(2))
+    monkeypatch.setattr("sys.argv", ["run_files.py", "check-pools", str(tmp_path)])
+    run_files.main()
+    assert "prompt sets disjoint: iter_01.jsonl (2)" in capsys.readouterr().out
+
+
 def test_folder_lock_refuses_a_second_writer_and_ignores_a_dead_one(tmp_path):
     with run_files.folder_lock(tmp_path, "one"):
         with pytest.raises(run_files.SailError, match=r"locked by another stage \(\S+ \d+ one\)"):
