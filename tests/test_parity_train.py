@@ -1,4 +1,4 @@
-"""One DiffusionDPO training step of the kit (04_train.py, sail_common.py, dpo_maths.py) against a
+"""One DiffusionDPO training step of the kit (04_train.py, dpo_maths.py, sail_models.py) against a
 transcription of the official reference, on the tiny SD1.5 and SDXL models: pixels, latents, text
 conditioning, UNet inputs, loss and every gradient of the trained UNet.
 
