@@ -288,7 +288,7 @@ def log_and_save(job, step, totals):
         rate = len(job.window) * args.batch_size / (time.time() - job.timer)
         row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
                    lr=job.schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
-        row.update({"grad_norm": round(mean[3], 5)} if math.isfinite(mean[3]) else {}, **tools.memory_use(job.device))
+        row.update({"grad_norm": round(mean[3], 5)} if math.isfinite(mean[3]) else {}, **run_files.peak_memory())
         log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
                  step + 1, job.total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
         with open(partial / "train_log.jsonl", "a") as f:

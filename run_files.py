@@ -67,13 +67,19 @@ def save_args(out_dir, stage, args, **extra):
     write_json_atomic(Path(out_dir) / f"{stage}.args.json", info)
 
 
+def peak_memory():
+    """Peak resident RAM of this process and, on CUDA, peak GPU memory allocated, in GiB."""
+    info = dict(peak_ram_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+    if torch.cuda.is_available():
+        info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return info
+
+
 def save_timing(out_dir, stage, count, unit, seconds):
     """Write <out_dir>/<stage>.timing.json: the work done after the models were loaded, its time and
     rate, and the process's peak memory (GPU where there is one, else resident RAM)."""
-    info = dict(count=count, unit=unit, seconds=round(seconds, 3), rate=round(count / max(seconds, 1e-9), 4))
-    if torch.cuda.is_available():
-        info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    info["peak_ram_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    info = dict(count=count, unit=unit, seconds=round(seconds, 3), rate=round(count / max(seconds, 1e-9), 4),
+                **peak_memory())
     write_json_atomic(Path(out_dir) / f"{stage}.timing.json", info)
     return info
 

@@ -11,7 +11,6 @@ import importlib
 import json
 import logging
 import os
-import resource
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -62,14 +61,6 @@ def start_trackers(job):
         (job.out.parent / run_files.TRACKER_DIR).mkdir(parents=True, exist_ok=True)  # wandb's dir= must exist
     job.accelerator.init_trackers(TRACKER_PROJECT, config=config,
                                   init_kwargs={"wandb": {"name": str(job.out.parent), "dir": str(job.out.parent / run_files.TRACKER_DIR)}})
-
-
-def memory_use(device):
-    """Peak resident RAM of this process and, on CUDA, peak GPU memory allocated, in GiB."""
-    info = dict(peak_ram_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
-    if device.type == "cuda":
-        info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    return info
 
 
 # ---------------------------------------------------------------- accelerate: precision, accumulation, saving
