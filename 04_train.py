@@ -96,6 +96,7 @@ def build_parser():
     p.add_argument("--validation-every", type=int, default=0, help="steps between validation images (0: none)")
     p.add_argument("--restart", action="store_true", help="discard a killed run's state instead of resuming")
     p.add_argument("--export-pipeline", type=Path, help="also write a full diffusers pipeline folder here")
+    models.add_speed_flags(p, training=True)
     return p
 
 
@@ -210,6 +211,9 @@ def load_models(job):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    models.speed_up(unet, args.compile, channels_last=args.channels_last)
+    if not args.lora_rank:
+        models.speed_up(job.ref_unet, args.compile, channels_last=args.channels_last)
     optimizer = dpo_maths.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
                                      args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))

@@ -1,40 +1,51 @@
-"""Speed of the kit's hot loops next to a straightforward implementation of the same work.
+"""Speed of the kit's own code next to a straightforward implementation of the same work.
 
-Prints, for one preset: DPO training pairs/s (ours: preferred and dispreferred halves in one
-UNet batch, one reference pass, latents encoded once; naive: separate passes for w and l, the
-reference run twice, VAE encoding every step), generation images/s (ours: batched prompts;
-naive: one image per pipeline call) and self-reward rewards/s (ours: batched draws, text
-encoded once per prompt; naive: one UNet call per image and draw), as ratios, with peak memory
-(on a GPU per measurement; on the CPU the process's peak so far). Then an estimate of the
-paper's full run (seed DPO on 50K human pairs, then iterations on pools of 10K, 20K, 20K
-prompts: 3 for SD1.5, 2 for SDXL) per stage, on 1 and on 8 such devices, from the rates measured.
+Prints, for one preset:
+  * DPO training pairs/s of 04_train.py's own `train_step` (on the job its `setup` builds from a
+    pair file of noise images, one micro batch per step) against a straightforward step on the same
+    batch (per side: images VAE-encoded, prompts encoded, trained UNet and reference called). Latent
+    cache off in both (one epoch, the paper's setting, reuses nothing); the cached step is its own
+    row. Then where a step's time goes: text encoders, VAE, reference, trained UNet forward, the rest.
+  * generation images/s (ours: batched prompts; naive: one image per pipeline call) and
+    self-reward rewards/s (ours: batched draws, text encoded once; naive: one UNet call per image
+    and draw), with peak memory (on a GPU per row; on the CPU the process's peak so far).
+  * --speed-flags [NAME ...]: the options that only pay on a GPU, each added to those before it.
+Then an estimate of the paper's full run per stage, on 1 and on 8 such devices.
 
     python bench.py                       # tiny-sd15 on the CPU
-    python bench.py --preset toy --steps 5
+    python bench.py --preset toy --steps 5   # the toy world's model (python toy_base.py builds it)
     python bench.py --preset sd15         # on a GPU, with the real weights (or $SAIL_SD15_PATH)
-    python bench.py --preset sdxl --random-weights   # on a GPU, no download
+    python bench.py --preset sdxl --random-weights --speed-flags   # on a GPU, no download
 
---random-weights builds the released architecture of the preset (SD1.5 or SDXL: UNet, VAE, CLIP
-text encoders, configs below) with random weights in memory: the same shapes and the same work
-as the real model, nothing to download. The training step uses the preset's optimizer and micro
-batch (--pairs overrides it; add --gradient-checkpointing if it runs out of memory).
-
-Timings are printed, never asserted; run on an otherwise idle machine.
+--random-weights saves the released architecture of the preset (UNet, VAE, CLIP text encoders)
+with random weights as a pipeline folder that the training job loads like any other: the same
+work as the real model, nothing to download. Timings are printed, never asserted.
 """
 import argparse
 import copy
+import importlib
+import itertools
+import json
+import logging
 import math
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import model_configs
 import dpo_maths
 import run_files
 import sail_models as models
+import train_tools as tools
+
+train = importlib.import_module("04_train")
+PROMPT = "a red square on the left"
+SPEED_FLAGS = {"channels-last": dict(channels_last=True), "fuse-qkv": dict(fuse_qkv=True), "compile": dict(compile=True)}
 
 
 # The released architectures come from model_configs.py. Parameters: SD1.5 UNet 859,520,964,
@@ -84,16 +95,98 @@ def random_weights_pipeline(arch, device, dtype, sampler):
     return pipe, unet
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
+def write_random_pipeline(arch, folder, device, dtype, sampler):
+    """The released architecture with random weights, saved as a diffusers pipeline folder."""
+    pipe, _ = random_weights_pipeline(arch, device, dtype, sampler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def training_job(init, args, folder, extra=()):
+    """04_train.py's own job (its setup: models, optimizer, accelerate, mixed precision) on a pair file of
+    noise images at the preset's resolution, --batch-size = one micro batch, nothing saved while timed."""
+    preset = models.get_preset(args.preset)
+    res, pairs = preset["resolution"], args.pairs or preset["micro_batch"]
+    rng, rows = np.random.default_rng(0), []
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(pairs):
+        for side in "wl":
+            Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)).save(folder / "images" / f"{i}{side}.png")
+        rows.append(dict(prompt=PROMPT, image_w=f"images/{i}w.png", image_l=f"images/{i}l.png", source="human"))
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--init", init, "--preset", args.preset, "--pairs", folder / "pairs.jsonl", "--out", folder / "ckpt",
+            "--batch-size", pairs, "--micro-batch", pairs, "--max-steps", 10_000, "--save-every", 0, "--log-every", 10_000,
+            "--lr", 1e-9, "--empty-prompt-prob", 0, *(["--gradient-checkpointing"] if args.gradient_checkpointing else []), *extra]
+    logging.getLogger("sail").setLevel(logging.WARNING)  # the stage's own log lines would interleave with the table
+    return train.setup(train.build_parser().parse_args([str(a) for a in argv]))
+
+
+def straightforward_step(job, step):
+    """The same batch's DPO step written plainly: per side, the images VAE-encoded and the prompts
+    encoded, then the trained UNet and the reference each called on that side alone."""
+    args, device = job.args, job.device
+    rows = [job.pairs[i] for i in job.order[step * args.batch_size:(step + 1) * args.batch_size]]
+    gen = torch.Generator().manual_seed(step)
+    t = torch.randint(0, 1000, (len(rows),), generator=gen).to(device)
+    errors, noise = [], None
+    for side in (0, 1):
+        images = [dpo_maths.load_pair_pixels(r, args.resolution, args.seed, False, False)[side] for r in rows]
+        latents = dpo_maths.encode_images(job.pipe.vae, images, device).float()
+        cond = dpo_maths.encode_prompts(job.pipe, [r["prompt"] for r in rows], device)
+        noise = torch.randn(latents.shape, generator=gen).to(device) if noise is None else noise
+        noisy = job.noise_scheduler.add_noise(latents, noise, t)
+        with tools.autocast(job):
+            with torch.no_grad():
+                ref = dpo_maths.unet_call(job.ref_unet, noisy.to(job.ref_dtype), t,
+                                          {k: v.to(job.ref_dtype) for k, v in cond.items()}, args.resolution)
+            pred = dpo_maths.unet_call(job.unet, noisy, t, {k: v.float() for k, v in cond.items()}, args.resolution)
+        errors.append(dpo_maths.per_sample_error(pred, noise) - dpo_maths.per_sample_error(ref, noise))
+    loss = -torch.nn.functional.logsigmoid(-0.5 * args.beta * (errors[0] - errors[1])).mean()
+    job.accelerator.backward(loss)
+    job.accelerator.clip_grad_norm_(job.unet.parameters(), args.max_grad_norm)
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+
+
+def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats
+
+
+def step_breakdown(job, steps, repeats):
+    """Seconds per step of 04's train_step spent in each part (forward hooks; the rest is backward,
+    optimizer and reading images)."""
+    parts = {"text encoders": [job.pipe.text_encoder, getattr(job.pipe, "text_encoder_2", None)],
+             "VAE encoding": [job.pipe.vae.encoder], "reference UNet": [job.ref_unet],
+             "trained UNet forward": [job.accelerator.unwrap_model(job.unet)]}
+    spent, started, handles = dict.fromkeys(parts, 0.0), {}, []
+
+    def before(module, _):
+        sync()
+        started[module] = time.perf_counter()
+
+    def after(module, _, __, name):
+        sync()
+        spent[name] += time.perf_counter() - started[module]
+    for name, modules in parts.items():
+        for module in filter(None, modules):
+            handles += [module.register_forward_pre_hook(before),
+                        module.register_forward_hook(lambda *hook_args, name=name: after(*hook_args, name))]
+    total = timed(lambda: train.train_step(job, next(steps)), repeats)
+    for handle in handles:
+        handle.remove()
+    spent = {name: seconds / (repeats + 1) for name, seconds in spent.items()}  # the warm-up step counted too
+    return dict(spent, **{"backward, optimizer, images": total - sum(spent.values())}), total
 
 
 def peak_memory_mb():
@@ -120,6 +213,79 @@ def paper_run_estimate(arch, rates, epochs, batch=128):
                  (f"iter {i} DPO", f"{steps(pairs):,} steps x {batch} pairs", steps(pairs) * batch / rates["train"])]
     return rows
 
+class Table:
+    """Rows of (work, unit, ours per second, naive per second, peak MiB), each printed when measured."""
+
+    def __init__(self):
+        self.rows = []
+        print(f"{'work':34s} {'unit':10s} {'ours':>10s} {'naive':>10s} {'ratio':>7s} {'peak MiB':>9s}", flush=True)
+
+    def measure(self, work, unit, count, fn_ours, fn_naive, repeats):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            a, b = timed(fn_ours, repeats), timed(fn_naive, repeats) if fn_naive else None
+        except torch.cuda.OutOfMemoryError:
+            raise run_files.SailError(f"out of GPU memory in {work}: use fewer --pairs / --images, "
+                                      "or --gradient-checkpointing") from None
+        a, b, peak = count / a, b and count / b, peak_memory_mb()
+        self.rows.append((work, unit, a, b, peak))
+        naive, ratio = (f"{b:10.2f}", f"{a / b:6.2f}x") if b else (f"{'':10s}", f"{'':7s}")
+        print(f"{work:34s} {unit:10s} {a:10.2f} {naive} {ratio} {peak:9.0f}", flush=True)
+        return a
+
+
+def bench_training(job, table, args):
+    """04's train_step against the straightforward step, cache off, then cached, then the breakdown and
+    (--speed-flags) channels-last and compile added in turn, on the same job."""
+    pairs, steps = job.args.batch_size, itertools.count()
+    job.latent_cache = tools.LatentCache([], 0)
+    rates = dict(train=table.measure("DPO step (04 train_step)", "pairs/s", pairs,
+                                     lambda: train.train_step(job, next(steps)),
+                                     lambda: straightforward_step(job, next(steps)), args.steps))
+    job.latent_cache = tools.LatentCache([r["_index"] for r in job.pairs] * 10_000, 2**40)  # every pair comes back
+    table.measure("DPO step, latents cached", "pairs/s", pairs, lambda: train.train_step(job, next(steps)),
+                  lambda: straightforward_step(job, next(steps)), args.steps)
+    job.latent_cache = tools.LatentCache([], 0)
+    parts, total = step_breakdown(job, steps, args.steps)
+    for name in (n for n in args.speed_flags if n != "fuse-qkv"):  # fusing replaces trained layers: inference only
+        for unet in (job.accelerator.unwrap_model(job.unet), job.ref_unet):
+            models.speed_up(unet, **SPEED_FLAGS[name])
+        table.measure(f"DPO step + {name}", "pairs/s", pairs, lambda: train.train_step(job, next(steps)), None, args.steps)
+    return rates, parts, total
+
+
+def bench_inference(job, table, args, preset, dtype):
+    """Generation and self-reward with the start model's pipeline; the trained UNet is scored against it."""
+    device, res, n_img = job.device, preset["resolution"], args.images or preset["gen_batch"]
+    pipe, scored = job.pipe, job.accelerator.unwrap_model(job.unet).to(dtype).eval().requires_grad_(False)
+    models.use_sampler(pipe, preset["sampler"])
+    gen = lambda batch: pipe(prompt=[PROMPT] * batch, num_inference_steps=preset["steps"], guidance_scale=preset["cfg"],
+                             height=res, width=res, output_type="latent")
+    with torch.inference_mode():
+        rates = dict(gen=table.measure("generation", "images/s", n_img, lambda: gen(n_img),
+                                       lambda: [gen(1) for _ in range(n_img)], 1))
+        noise_scheduler = dpo_maths.forward_process(pipe.scheduler)
+        lat = torch.randn(N_IMAGES, 4, res // 8, res // 8, device=device, dtype=dtype)
+        noise = torch.randn_like(lat[:1])
+        one = dpo_maths.encode_prompts(pipe, [PROMPT], device)
+
+        def score_naive():
+            for i in range(lat.shape[0]):
+                for _ in range(DRAWS):
+                    cond = dpo_maths.encode_prompts(pipe, [PROMPT], device)
+                    t = torch.randint(0, 1000, (1,), device=device)
+                    x = noise_scheduler.add_noise(lat[i:i + 1], noise, t)
+                    for unet in (scored, pipe.unet):
+                        dpo_maths.per_sample_error(dpo_maths.unet_call(unet, x, t, cond, res), noise)
+        rates["reward"] = table.measure(f"self-reward (K={DRAWS})", "rewards/s", N_IMAGES,
+                                        lambda: dpo_maths.self_rewards(scored, pipe.unet, pipe.scheduler, lat, one, res, DRAWS,
+                                                                       batch_size=preset["reward_batch"]), score_naive, 1)
+        for name in args.speed_flags:
+            models.speed_up(pipe.unet, **SPEED_FLAGS[name])
+            table.measure(f"generation + {name}", "images/s", n_img, lambda: gen(n_img), None, 1)
+    return rates
+
 
 def main(args):
     from diffusers.utils import logging as diffusers_logging
@@ -127,100 +293,32 @@ def main(args):
     device = models.pick_device()
     preset = models.get_preset(args.preset)
     dtype = models.inference_dtype(device, preset["mixed_precision"])
-    if args.random_weights:
-        pipe, unet = random_weights_pipeline(preset["arch"], device, dtype, preset["sampler"])
-    else:
-        desc = models.describe_model(args.preset)
-        pipe = models.load_pipeline(desc, device, dtype, sampler=preset["sampler"])
-        unet = models.load_unet(desc, torch.float32).to(device)
-    res, pairs, n_img = preset["resolution"], args.pairs or preset["micro_batch"], args.images or preset["gen_batch"]
-    unet.train()
-    if args.gradient_checkpointing or preset.get("gradient_checkpointing"):  # on for sdxl, as in 04_train.py
-        unet.enable_gradient_checkpointing()
-    ref = pipe.unet.eval()
-    opt = dpo_maths.make_optimizer(preset["optimizer"], unet.parameters(), 1e-9, 0.0)
-    pixels = torch.rand(2 * pairs, 3, res, res, device=device) * 2 - 1
-    cond = dpo_maths.encode_prompts(pipe, ["a red square on the left"] * pairs, device)
-    with torch.no_grad():
-        cached = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
-    t = torch.randint(0, 1000, (pairs,), device=device)
-    noise = torch.randn_like(cached[:pairs])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        init = (write_random_pipeline(preset["arch"], folder / "model", device, dtype, preset["sampler"])
+                if args.random_weights else args.preset)
+        job = training_job(init, args, folder / "run")
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+        weights = "random weights, released architecture" if args.random_weights else "weights of the preset"
+        unet_params = sum(p.numel() for p in job.ref_unet.parameters())
+        print(f"preset {args.preset} ({weights}) on {name}; UNet {unet_params / 1e6:.1f} M parameters at {preset['resolution']} "
+              f"px; DPO step of {job.args.batch_size} pairs ({job.args.optimizer}, {job.args.mixed_precision} mixed precision"
+              f"{', gradient checkpointing' if job.args.gradient_checkpointing else ''}), {args.images or preset['gen_batch']} "
+              f"images, {N_IMAGES} images x {DRAWS} draws", flush=True)
+        table = Table()
+        rates, parts, step_seconds = bench_training(job, table, args)
+        rates.update(bench_inference(job, table, args, preset, dtype))
+    print(f"peak memory {max(r[4] for r in table.rows):.0f} MiB")
+    print(f"\nwhere a DPO step's {step_seconds * 1000:.0f} ms go (04 train_step, cache off):")
+    for part, seconds in parts.items():
+        print(f"  {part:30s} {seconds * 1000:9.1f} ms {100 * seconds / step_seconds:5.1f}%")
+    print_estimate(preset, args.preset, rates)
 
-    noise_scheduler = dpo_maths.forward_process(pipe.scheduler)
 
-    def ours():  # the micro-batch step 04_train.py runs
-        with autocast:
-            loss = dpo_maths.dpo_micro_batch(unet, ref, noise_scheduler, cached.float(), noise, t, cond, res, dpo_maths.BETA, dtype).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-    def naive():
-        with torch.no_grad():
-            lat = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
-        errs = []
-        for half in (lat[:pairs], lat[pairs:]):
-            x = noise_scheduler.add_noise(half.float(), noise, t)
-            with autocast:
-                with torch.no_grad():
-                    ref_err = dpo_maths.per_sample_error(dpo_maths.unet_call(ref, x.to(dtype), t, {k: v.to(dtype) for k, v in cond.items()}, res), noise)
-                errs.append((dpo_maths.per_sample_error(dpo_maths.unet_call(unet, x, t, cond, res), noise), ref_err))
-        inside = -2500.0 * ((errs[0][0] - errs[0][1]) - (errs[1][0] - errs[1][1]))
-        (-torch.nn.functional.logsigmoid(inside).mean()).backward()
-        opt.step()
-        opt.zero_grad()
-
-    rows = []
-
-    def measure(work, unit, count, fn_ours, fn_naive, repeats=1):
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            a, b = timed(fn_ours, repeats), timed(fn_naive, repeats)
-        except torch.cuda.OutOfMemoryError:
-            raise run_files.SailError(f"out of GPU memory in {work} ({pairs} pairs, {n_img} images): "
-                               "use fewer --pairs / --images, or --gradient-checkpointing") from None
-        rows.append((work, unit, count / a, count / b, peak_memory_mb()))
-
-    measure("DPO training", "pairs/s", pairs, ours, naive, args.steps)
-    opt = None  # frees the optimizer state; the trained UNet, in inference precision, is scored against its reference as in 02
-    scored = unet.to(dtype).eval().requires_grad_(False)
-
-    gen = lambda batch: pipe(prompt=["a red square on the left"] * batch, num_inference_steps=preset["steps"],
-                             guidance_scale=preset["cfg"], height=res, width=res, output_type="latent")
-    with torch.inference_mode():
-        measure("generation", "images/s", n_img, lambda: gen(n_img), lambda: [gen(1) for _ in range(n_img)])
-
-    lat = cached[:1].repeat(N_IMAGES, 1, 1, 1)
-    with torch.inference_mode():
-        one = dpo_maths.encode_prompts(pipe, ["a red square on the left"], device)
-
-        def score_naive():
-            for i in range(lat.shape[0]):
-                for k in range(DRAWS):
-                    c = dpo_maths.encode_prompts(pipe, ["a red square on the left"], device)
-                    tk = torch.randint(0, 1000, (1,), device=device)
-                    x = noise_scheduler.add_noise(lat[i:i + 1].to(dtype), noise[:1].to(dtype), tk)
-                    dpo_maths.per_sample_error(dpo_maths.unet_call(scored, x, tk, c, res), noise[:1])
-                    dpo_maths.per_sample_error(dpo_maths.unet_call(ref, x, tk, c, res), noise[:1])
-        measure(f"self-reward (K={DRAWS})", "rewards/s", lat.shape[0],
-                lambda: dpo_maths.self_rewards(scored, ref, pipe.scheduler, lat.to(dtype), one, res, DRAWS,
-                                        batch_size=preset["reward_batch"]), score_naive)
-
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    weights = "random weights, released architecture" if args.random_weights else "weights of the preset"
-    print(f"preset {args.preset} ({weights}) on {name}, {dtype}; DPO batch {pairs} pairs ({preset['optimizer']}), "
-          f"{n_img} images, {N_IMAGES} images x {DRAWS} draws")
-    print(f"{'work':22s} {'unit':10s} {'ours':>10s} {'naive':>10s} {'ratio':>7s} {'peak MiB':>9s}")
-    for work, unit, a, b, peak in rows:
-        print(f"{work:22s} {unit:10s} {a:10.2f} {b:10.2f} {a / b:6.2f}x {peak:9.0f}")
-    print(f"peak memory {max(r[4] for r in rows):.0f} MiB")
-
-    rates = dict(train=rows[0][2], gen=rows[1][2], reward=rows[2][2])
+def print_estimate(preset, name, rates):
     estimate = paper_run_estimate(preset["arch"], rates, preset.get("epochs", 1))
     print(f"\nESTIMATE from the rates above (ours), not a measurement: the paper's {preset['arch']} run, "
-          f"{len(PAPER_RUNS[preset['arch']])} iterations after the seed DPO, at {args.preset}'s resolution and steps.")
+          f"{len(PAPER_RUNS[preset['arch']])} iterations after the seed DPO, at {name}'s resolution and steps.")
     print("UNet work only (no VAE decoding or encoding, files, model loading); 8 devices assume linear scaling.")
     print(f"{'stage':22s} {'work':34s} {'1 device':>10s} {'8 devices':>10s}")
     for stage, work, seconds in estimate:
@@ -237,8 +335,16 @@ def build_parser():
     p.add_argument("--images", type=int, help="images to generate (default: the preset's generation batch)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--speed-flags", nargs="*", choices=SPEED_FLAGS, help="also time these options (all when none are "
+                   "named), each added to those before it: " + ", ".join(SPEED_FLAGS))
     return p
 
 
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    args.speed_flags = list(SPEED_FLAGS) if args.speed_flags == [] else args.speed_flags or []
+    return args
+
+
 if __name__ == "__main__":
-    run_files.run_stage(main, build_parser().parse_args())
+    run_files.run_stage(main, parse_args())

@@ -257,7 +257,7 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False):
     """The diffusers pipeline of the base model with the checkpoint's UNet swapped in. With
     encoding=True (the VAE encodes images for a loss or a reward) SDXL's VAE runs in float32: it
     overflows in half precision (its config sets force_upcast; the pipeline upcasts only to decode)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.disable_progress_bar()
     cls = StableDiffusionXLPipeline if desc.arch == "sdxl" else StableDiffusionPipeline
@@ -269,26 +269,37 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False):
     if encoding and desc.arch == "sdxl":
         pipe.vae.to(torch.float32)
     if sampler:
-        sched_cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler]
-        pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
+        use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def add_speed_flags(parser):
-    """The flags that only pay on a GPU; outputs equal the plain path's up to round-off."""
+def use_sampler(pipe, sampler):
+    """Swap in the preset's sampler ("ddpm" or "ddim"), made from the folder's scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    pipe.scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler].from_config(pipe.scheduler.config)
+
+
+def add_speed_flags(parser, training=False):
+    """The flags that only pay on a GPU; outputs equal the plain path's up to round-off. Fused q/k/v
+    projections replace the trained layers with new ones, so training offers the other two."""
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays on a GPU after a warm-up)")
-    parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v attention projections (inference)")
+    if not training:
+        parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v attention projections (inference)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
 
 
 def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
-    """The UNet with the speed options asked for (tests/test_speed_options.py: same outputs up to round-off)."""
+    """The UNet with the speed options asked for (tests/test_speed_options.py: same outputs up to round-off).
+    Compiled in place (nn.Module.compile): same class, same state-dict names, so saving and resuming
+    do not change."""
     if fuse_qkv:
         unet.fuse_qkv_projections()
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    return torch.compile(unet) if compile else unet
+    if compile:
+        unet.compile()
+    return unet
 
 
 def draw_images(pipe, prompts, seeds, steps, cfg, resolution, batch_size, label="generate"):

@@ -42,16 +42,21 @@ def small_architectures(arch):
 
 
 def run_bench(capsys, *argv):
-    bench.main(bench.build_parser().parse_args(["--pairs", "2", "--images", "2", "--steps", "1", *argv]))
+    bench.main(bench.parse_args(["--pairs", "2", "--images", "2", "--steps", "1", *argv]))
     return capsys.readouterr().out.splitlines()
 
 
 def check_report(lines, arch):
     rows = {line.split("  ")[0]: line for line in lines}
-    for work in ("DPO training", "generation", "self-reward (K=10)"):
+    for work in ("DPO step (04 train_step)", "DPO step, latents cached", "generation", "self-reward (K=10)"):
         ours, naive, ratio, peak = rows[work].split()[-4:]
         assert float(ours) > 0 and float(naive) > 0 and ratio.endswith("x") and float(peak) > 0, rows[work]
     assert any(line.startswith("peak memory ") for line in lines)
+    step = next(line for line in lines if line.startswith("where a DPO step's"))
+    parts = lines[lines.index(step) + 1:lines.index(step) + 6]
+    assert [p.split("  ")[1] for p in parts] == ["text encoders", "VAE encoding", "reference UNet", "trained UNet forward",
+                                                 "backward, optimizer, images"]
+    assert sum(float(p.split()[-1].rstrip("%")) for p in parts) == pytest.approx(100, abs=0.5)
     assert any(line.startswith("ESTIMATE from the rates above") and f"paper's {arch} run" in line for line in lines)
     iterations = {"sd15": 3, "sdxl": 2}[arch]
     stages = [line for line in lines if line.startswith("iter ")]
@@ -60,10 +65,17 @@ def check_report(lines, arch):
     assert any(line.startswith("total ") for line in lines)
 
 
-def test_bench_on_tiny_sd15(capsys):
+def test_bench_times_the_training_step_of_04(capsys, monkeypatch):
+    """The training rows time 04_train.py's own train_step (and the job its setup builds), not a copy."""
+    calls = []
+    real_step = bench.train.train_step
+    monkeypatch.setattr(bench.train, "train_step", lambda job, step: calls.append(step) or real_step(job, step))
     lines = run_bench(capsys, "--preset", "tiny-sd15")
     assert lines[0].startswith("preset tiny-sd15 (weights of the preset) on CPU")
+    assert "DPO step of 2 pairs (adamw, no mixed precision)" in lines[0] and "at 32 px" in lines[0]
     check_report(lines, "sd15")
+    # timed: a warm-up and one step, cache off and cached; the breakdown's warm-up and step
+    assert len(calls) == 6 and len(set(calls)) == 6  # every call a new step of the job (the straightforward ones between)
 
 
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
@@ -72,6 +84,22 @@ def test_bench_random_weights_path(capsys, monkeypatch, preset):
     lines = run_bench(capsys, "--preset", preset, "--random-weights")
     assert lines[0].startswith(f"preset {preset} (random weights, released architecture)")
     check_report(lines, preset.split("-")[1])
+
+
+def test_speed_flags_rows(capsys, monkeypatch):
+    applied = []
+
+    def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
+        """torch.compile's first call takes minutes on 2 cores: record the options asked for instead"""
+        named = dict(compile=compile, fuse_qkv=fuse_qkv, channels_last=channels_last)
+        applied.extend([sorted(k for k, on in named.items() if on)] if any(named.values()) else [])
+        return unet
+    monkeypatch.setattr(bench.models, "speed_up", speed_up)
+    rows = [line.split("  ")[0] for line in run_bench(capsys, "--speed-flags")]
+    for work in ("DPO step + channels-last", "DPO step + compile", "generation + channels-last",
+                 "generation + fuse-qkv", "generation + compile"):
+        assert work in rows
+    assert applied == [["channels_last"]] * 2 + [["compile"]] * 2 + [["channels_last"], ["fuse_qkv"], ["compile"]]
 
 
 def test_estimate_adds_up():
