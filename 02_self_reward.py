@@ -8,6 +8,9 @@ over the latent's elements (the convention the DPO loss and its beta = 5000 use)
 of (t, noise) by default (the paper's SR1; 20 and 30 are SR2/SR3). By default all N candidates
 of a prompt share the same K draws (common random numbers): the comparison between images is
 what matters, and shared draws remove most of its noise; --no-common-draws draws per image.
+--draw-scheme stratified (one t per stratum of [0, 1000)), antithetic (half the draws use minus
+the noise of the other half) or stratified-antithetic make the K draws less variable; iid, the
+paper's, is the default.
 Pairs: best vs worst of the N (the paper), or --pairing random (Table 5 ablation); a prompt
 whose chosen images tie gives no pair: rewards equal within float32 round-off (|r_w - r_l| <=
 beta x 1e-6, e.g. a model equal to its reference, where every reward is 0), or two byte-identical
@@ -56,6 +59,8 @@ def build_parser():
     p.add_argument("--beta", type=float, default=dpo_maths.BETA)
     p.add_argument("--draws", type=int, default=10, help="K random (t, noise) draws per image (paper: 10)")
     p.add_argument("--no-common-draws", action="store_true", help="independent draws per image")
+    p.add_argument("--draw-scheme", choices=dpo_maths.DRAW_SCHEMES, default="iid",
+                   help="iid (the paper's), stratified timesteps, antithetic noise (eps, -eps) or both")
     p.add_argument("--pairing", choices=["best-worst", "random"], default="best-worst")
     p.add_argument("--min-p", type=float, default=0.0, help="drop pairs with sigmoid(r_w - r_l) below this")
     p.add_argument("--reward-batch", type=int, help="UNet inputs per forward pass")
@@ -136,7 +141,9 @@ def main(args):
         run_files.check_settings(folder / "self_reward.settings.json", dict(
             model=models.model_setting(args.ckpt, folder), reference=models.model_setting(args.ref, folder),
             draws=args.draws, common_draws=not args.no_common_draws, beta=args.beta, seed=args.seed,
-            mixed_precision=args.mixed_precision), f"delete {folder}/rewards.partial.*.jsonl and "
+            mixed_precision=args.mixed_precision,
+            **({} if args.draw_scheme == "iid" else dict(draw_scheme=args.draw_scheme))),  # iid: folders made before the option continue
+            f"delete {folder}/rewards.partial.*.jsonl and "
             f"{folder / 'self_reward.settings.json'} to score anew")
     if state.is_main_process:  # keep only whole prompts of a killed run, in one clean file
         finished = read_finished(folder, per_prompt)
@@ -149,9 +156,9 @@ def main(args):
     todo = [pid for pid in groups if pid not in finished][state.process_index::state.num_processes]
     if state.is_main_process:
         run_files.save_args(folder, "self_reward", args, model=desc, reference=ref_desc, num_processes=state.num_processes)
-    log.info("self-reward of %d images (%d prompts, %d scored already) | model %s vs reference %s | K=%d %s draws, beta %g",
+    log.info("self-reward of %d images (%d prompts, %d scored already) | model %s vs reference %s | K=%d %s %s draws, beta %g",
              len(gens), len(groups), len(finished), args.ckpt, ref_desc.unet or ref_desc.base_model, args.draws,
-             "independent" if args.no_common_draws else "common", args.beta)
+             "independent" if args.no_common_draws else "common", args.draw_scheme, args.beta)
 
     if todo:
         device = state.device
@@ -170,7 +177,8 @@ def main(args):
                 cond = dpo_maths.encode_prompts(pipe, [group[0]["prompt"]], device)
                 reward, se = dpo_maths.self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws, args.beta,
                                              seed=models.derive_seed(args.seed, "draws", pid),
-                                             common_draws=not args.no_common_draws, batch_size=args.reward_batch)
+                                             common_draws=not args.no_common_draws, batch_size=args.reward_batch,
+                                             scheme=args.draw_scheme)
                 if not torch.isfinite(reward).all():
                     raise run_files.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
                                        f"check the checkpoint {args.ckpt} (NaN weights?) or use --mixed-precision no")

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 import scorers
-from dpo_maths import BETA, encode_images, encode_prompts, self_rewards
+from dpo_maths import BETA, DRAW_SCHEMES, encode_images, encode_prompts, self_rewards
 from run_files import (SailError, folder_lock, image_is_complete, image_name, iteration_checkpoints, iteration_name,
                        iteration_number, load_image, log, progress, read_jsonl, read_pairs, run_stage, save_args,
                        save_image_atomic, setup_logging, strip_private, write_json_atomic, write_jsonl_atomic)
@@ -207,7 +207,8 @@ def reward_accuracy(args, ckpts, out, device):
     pairs = read_pairs(args.reward_accuracy)
     modes = {"yes": [True], "no": [False], "both": [True, False]}[args.common_draws]
     setting = dict(pairs=str(Path(args.reward_accuracy).resolve()), n=len(pairs), draws=args.draws, modes=modes,
-                   beta=args.beta, seed=args.seed, resolution=args.resolution)
+                   beta=args.beta, seed=args.seed, resolution=args.resolution,
+                   **({} if args.draw_schemes == ["iid"] else dict(schemes=args.draw_schemes)))
     for name, desc in ckpts.items():
         path = out / name / "reward_accuracy.json"
         if path.is_file():
@@ -219,18 +220,19 @@ def reward_accuracy(args, ckpts, out, device):
         dtype = inference_dtype(device, preset["mixed_precision"])
         pipe = load_pipeline(desc, device, dtype, sampler="ddpm", encoding=True)  # as 02_self_reward
         ref = load_unet(dataclasses.replace(desc, unet=None, ckpt=None), dtype).to(device).eval()
-        margins = {(k, c): [] for k in args.draws for c in modes}
+        margins = {(k, c, scheme): [] for k in args.draws for c in modes for scheme in args.draw_schemes}
         for i, pair in enumerate(progress(pairs, desc=f"reward {name}")):
             images = [fit(load_image(pair[f"_image_{s}"]), res) for s in "wl"]
             latents, cond = encode_images(pipe.vae, images, device).to(dtype), encode_prompts(pipe, [pair["prompt"]], device)
-            for (k, common), found in margins.items():
+            for (k, common, scheme), found in margins.items():
                 r, _ = self_rewards(pipe.unet, ref, pipe.scheduler, latents, cond, res, draws=k, beta=args.beta,
                                     common_draws=common, seed=derive_seed(args.seed, "pair", i),
-                                    batch_size=preset["reward_batch"])
+                                    batch_size=preset["reward_batch"], scheme=scheme)
                 found.append(float(r[0] - r[1]))
         write_json_atomic(path, dict(setting=setting, checkpoint=name, results=[
-            dict(method=f"self-reward K={k} {'common' if c else 'own'} draws", **scorers.pair_accuracy(m, args.bootstrap))
-            for (k, c), m in margins.items()]))
+            dict(method=f"self-reward K={k} {'common' if c else 'own'} draws" + ("" if scheme == "iid" else f" {scheme}"),
+                 **scorers.pair_accuracy(m, args.bootstrap))
+            for (k, c, scheme), m in margins.items()]))
         del pipe, ref
         free_memory()
     results = {p.parent.name: json.loads(p.read_text())["results"] for p in
@@ -331,6 +333,8 @@ def build_parser():
     p.add_argument("--draws", type=int, nargs="+", default=[10, 20, 30], help="K (t, noise) draws per image (Figure 5)")
     p.add_argument("--common-draws", choices=["yes", "no", "both"], default="both",
                    help="the two images of a pair share their K draws (common random numbers), or not, or both")
+    p.add_argument("--draw-schemes", nargs="+", choices=DRAW_SCHEMES, default=["iid"],
+                   help="how the K draws are made (02_self_reward.py --draw-scheme); several are compared")
     p.add_argument("--beta", type=float, default=BETA)
     p.add_argument("--device", help="default: cuda if available")
     return p

@@ -6,9 +6,8 @@ Prints, for one preset:
     batch (per side: images VAE-encoded, prompts encoded, trained UNet and reference called). Latent
     cache off in both (one epoch, the paper's setting, reuses nothing); the cached step is its own
     row. Then where a step's time goes: text encoders, VAE, reference, trained UNet forward, the rest.
-  * generation images/s (ours: batched prompts; naive: one image per pipeline call) and
-    self-reward rewards/s (ours: batched draws, text encoded once; naive: one UNet call per image
-    and draw), with peak memory (on a GPU per row; on the CPU the process's peak so far).
+  * generation images/s (batched prompts vs one image per call) and self-reward rewards/s (batched
+    draws vs one UNet call per image and draw); peak memory (GPU: per row; CPU: the process's).
   * --speed-flags [NAME ...]: the options that only pay on a GPU, each added to those before it.
 Then an estimate of the paper's full run per stage, on 1 and on 8 such devices.
 
@@ -17,9 +16,8 @@ Then an estimate of the paper's full run per stage, on 1 and on 8 such devices.
     python bench.py --preset sd15         # on a GPU, with the real weights (or $SAIL_SD15_PATH)
     python bench.py --preset sdxl --random-weights --speed-flags   # on a GPU, no download
 
---random-weights saves the released architecture of the preset (UNet, VAE, CLIP text encoders)
-with random weights as a pipeline folder that the training job loads like any other: the same
-work as the real model, nothing to download. Timings are printed, never asserted.
+--random-weights saves the preset's released architecture with random weights as a pipeline folder
+that the job loads like any other: the real model's work, no download. Timings are never asserted.
 """
 import argparse
 import copy
@@ -117,8 +115,12 @@ def training_job(init, args, folder, extra=()):
     argv = ["--init", init, "--preset", args.preset, "--pairs", folder / "pairs.jsonl", "--out", folder / "ckpt",
             "--batch-size", pairs, "--micro-batch", pairs, "--max-steps", 10_000, "--save-every", 0, "--log-every", 10_000,
             "--lr", 1e-9, "--empty-prompt-prob", 0, *(["--gradient-checkpointing"] if args.gradient_checkpointing else []), *extra]
-    logging.getLogger("sail").setLevel(logging.WARNING)  # the stage's own log lines would interleave with the table
-    return train.setup(train.build_parser().parse_args([str(a) for a in argv]))
+    logger, level = logging.getLogger("sail"), logging.getLogger("sail").level
+    logger.setLevel(logging.WARNING)  # the stage's own log lines would interleave with the table
+    try:
+        return train.setup(train.build_parser().parse_args([str(a) for a in argv]))
+    finally:
+        logger.setLevel(level)
 
 
 def straightforward_step(job, step):

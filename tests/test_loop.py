@@ -1,6 +1,7 @@
 """The SAIL loop's stages: self-reward on cases with a known answer, pairing, mixup shares,
 generation determinism and resume, the overlap refusal."""
 import copy
+import json
 import shutil
 
 import pytest
@@ -259,3 +260,24 @@ def test_self_reward_rerun_with_other_settings_stops_instead_of_mixing(tmp_path,
         err = capsys.readouterr().err
         assert f"holds work made with {name} = " in err and f"this run has {name} = {value!r}" in err, err
         assert partial.read_text().count("\n") == 1 and not (folder / "rewards.jsonl").exists()
+
+
+def test_self_reward_draw_scheme_is_a_setting(tmp_path, capsys):
+    """--draw-scheme changes the rewards and is recorded: a killed run continues only with the same scheme.
+    The default (iid) leaves the settings file as it was before the option, so older folders continue."""
+    run_dir = trained_run(tmp_path, candidates=2)
+    folder = run_dir / "iter_01"
+    run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
+    iid = {r["image"]: r["reward"] for r in run_files.read_jsonl(folder / "rewards.jsonl")}
+    assert "draw_scheme" not in json.loads((folder / "self_reward.settings.json").read_text())
+    for name in ("rewards.jsonl", "pairs.jsonl", "self_reward.settings.json"):
+        (folder / name).unlink()
+    run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2, "--draw-scheme", "stratified-antithetic")
+    other = {r["image"]: r["reward"] for r in run_files.read_jsonl(folder / "rewards.jsonl")}
+    assert other.keys() == iid.keys() and all(other[k] != iid[k] for k in iid)
+    (folder / "rewards.partial.0.jsonl").write_text((folder / "rewards.jsonl").read_text().splitlines()[0] + "\n")
+    (folder / "rewards.jsonl").unlink()
+    with pytest.raises(SystemExit):
+        run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
+    err = capsys.readouterr().err
+    assert "draw_scheme = 'stratified-antithetic'" in err and "draw_scheme = None" in err, err
