@@ -46,9 +46,7 @@ PROMPT = "a red square on the left"
 SPEED_FLAGS = {"channels-last": dict(channels_last=True), "fuse-qkv": dict(fuse_qkv=True), "compile": dict(compile=True)}
 
 
-# The released architectures come from model_configs.py. Parameters: SD1.5 UNet 859,520,964,
-# SDXL UNet 2,567,463,684, VAE 83,653,863, CLIP ViT-L/14 text 123,060,480, OpenCLIP ViT-bigG/14
-# text with projection 694,659,840 (tests/test_bench.py checks them).
+# The released architectures (model_configs.py); tests/test_bench.py checks their parameter counts.
 architecture = model_configs.released_configs  # arch -> configs; the tests swap in smaller ones
 
 # The paper's runs (section 5.1): seed DPO on 50K human pairs, then one pool of prompts per
