@@ -276,7 +276,8 @@ def test_self_reward_draw_scheme_is_a_setting(tmp_path, capsys):
     other = {r["image"]: r["reward"] for r in run_files.read_jsonl(folder / "rewards.jsonl")}
     assert other.keys() == iid.keys() and all(other[k] != iid[k] for k in iid)
     (folder / "rewards.partial.0.jsonl").write_text((folder / "rewards.jsonl").read_text().splitlines()[0] + "\n")
-    (folder / "rewards.jsonl").unlink()
+    for name in ("rewards.jsonl", "pairs.jsonl"):  # killed before the end
+        (folder / name).unlink()
     with pytest.raises(SystemExit):
         run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
     err = capsys.readouterr().err
