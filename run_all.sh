@@ -18,6 +18,9 @@
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
 #   DATA_ARGS="--pool-size 16"                     extra flags for toy.py data
 #   EVAL=1              evaluate at the end (0: skip); EVAL_BENCHMARK=parti (see 05_eval.py)
+#   GUARD=report        with $RUN/val/pairs.jsonl (held-out human pairs): after each iteration the
+#                       model's self-reward accuracy on them (drift_guard.py); stop: also end the
+#                       loop when it falls below the best so far by more than GUARD_TOLERANCE=0.02; off: skip
 set -euo pipefail
 
 PRESET=${1:?usage: bash run_all.sh PRESET ITERATIONS   (presets: toy sd15 sdxl tiny-sd15 tiny-sdxl)}
@@ -35,6 +38,8 @@ HUMAN_SHARE=${HUMAN_SHARE:-0.25}
 PAIRING=${PAIRING:-best-worst}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 EVAL=${EVAL:-1}
+GUARD=${GUARD:-report}
+GUARD_TOLERANCE=${GUARD_TOLERANCE:-0.02}
 DATA_ARGS=${DATA_ARGS:-}  # extra flags for toy.py data (toy and tiny presets)
 LIMIT=()
 [[ -n "${PROMPTS:-}" ]] && LIMIT=(--limit "$PROMPTS")
@@ -46,6 +51,19 @@ stage() {  # stage NAME COMMAND...: run one stage, print one summary line
   shift
   "$@"
   log "$name done in $((SECONDS - start)) s"
+}
+
+guard() {  # guard ITER: held-out human pairs scored by iteration ITER's own reward; status 3 means stop
+  [[ "$GUARD" != off && -f "$RUN/val/pairs.jsonl" ]] || return 0
+  local ckpt start=$SECONDS status=0  # called as a condition, where set -e is off: failures are passed on by hand
+  ckpt=$(printf "%s/iter_%02d/ckpt" "$RUN" "$1")
+  $PY "$KIT/05_eval.py" --reward-accuracy "$RUN/val/pairs.jsonl" --ckpt "$ckpt" --draws "$K" --common-draws yes \
+    --out "$RUN/eval/guard" || exit $?
+  log "iter $1: drift guard scored in $((SECONDS - start)) s"
+  $PY "$KIT/drift_guard.py" --run "$RUN" --iter "$1" --tolerance "$GUARD_TOLERANCE" $([[ "$GUARD" == stop ]] && echo --stop) \
+    || status=$?
+  [[ $status == 0 || $status == 3 ]] || exit "$status"
+  return "$status"
 }
 
 log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HUMAN_SHARE pairing $PAIRING"
@@ -69,11 +87,16 @@ done
 $PY "$KIT/run_files.py" check-pools "$RUN"
 
 stage "00 seed DPO" $LAUNCH "$KIT/00_seed_dpo.py" --run "$RUN" --preset "$PRESET" $TRAIN_ARGS
+guard 0 || true
 for ((i = 1; i <= T; i++)); do
   stage "iter $i: 01 generate" $LAUNCH "$KIT/01_generate.py" --run "$RUN" --iter "$i" --num-candidates "$N" "${LIMIT[@]}"
   stage "iter $i: 02 self-reward" $LAUNCH "$KIT/02_self_reward.py" --run "$RUN" --iter "$i" --draws "$K" --pairing "$PAIRING"
   stage "iter $i: 03 mixup" $PY "$KIT/03_mixup.py" --run "$RUN" --iter "$i" --human-share "$HUMAN_SHARE"
   stage "iter $i: 04 DPO" $LAUNCH "$KIT/04_train.py" --run "$RUN" --iter "$i" $TRAIN_ARGS
+  if ! guard "$i"; then
+    log "drift guard: stopped after iteration $i; best checkpoint in $RUN/eval/guard/guard.json"
+    break
+  fi
 done
 
 if [[ "$EVAL" == 1 ]]; then

@@ -89,15 +89,16 @@ def _images_for(pipe, preset, slots, folder, seed, batch_size):
 
 def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval=64, seed_fraction=0.06,
                   pairs_per_prompt=14, n_universe=None, tie_margin=0.02, all_labels=False, batch_size=64,
-                  device=None):
+                  device=None, val_pairs=0):
     """Write a run's data: the human seed pairs (images drawn by the preset's base model, labelled
     by the oracle, ties dropped), one prompt pool per iteration and the evaluation prompts, all
     prompt sets disjoint. The labelled universe is pairs_per_prompt pairs for each universe prompt;
-    the seed is a random seed_fraction of its pair slots. Files that exist are kept. Returns stats."""
+    the seed is a random seed_fraction of its pair slots; val_pairs more slots, never trained on, are
+    labelled into val/pairs.jsonl (the drift guard's held-out pairs). Files that exist are kept. Returns stats."""
     run_dir = Path(run_dir)
     settings = dict(preset=preset, seed=seed, n_pools=n_pools, pool_size=pool_size, n_eval=n_eval,
                     seed_fraction=seed_fraction, pairs_per_prompt=pairs_per_prompt, n_universe=n_universe,
-                    tie_margin=tie_margin)
+                    tie_margin=tie_margin, **({"val_pairs": val_pairs} if val_pairs else {}))  # older folders have none
     made = run_dir / "toy_world.data.json"
     if made.is_file():
         before = json.loads(made.read_text())
@@ -117,10 +118,15 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
     slots = [(row, j) for row in universe for j in range(pairs_per_prompt)]
     rng = np.random.default_rng(models.derive_seed(seed, "toy-seed-pairs") % 2**32)
     n_seed = max(1, round(seed_fraction * len(slots)))
-    seed_slots = [slots[i] for i in sorted(rng.choice(len(slots), n_seed, replace=False))]
+    seed_index = sorted(rng.choice(len(slots), n_seed, replace=False))
+    seed_slots = [slots[i] for i in seed_index]
     stats = dict(universe_prompts=len(universe), universe_slots=len(slots), seed_slots=n_seed)
     seed_dir = run_dir / "seed"
     wanted = [(seed_dir / "pairs.jsonl", seed_slots)] + ([(seed_dir / "all_pairs.jsonl", slots)] if all_labels else [])
+    if val_pairs:
+        rest = sorted(set(range(len(slots))) - set(seed_index))
+        pick = np.random.default_rng(models.derive_seed(seed, "toy-val-pairs") % 2**32).choice(rest, val_pairs, replace=False)
+        wanted.append((run_dir / "val" / "pairs.jsonl", [slots[i] for i in sorted(pick)]))
     pipe = None
     for path, chosen in wanted:
         if path.is_file():
@@ -131,12 +137,12 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
             pipe = models.load_pipeline(models.describe_model(preset), device, models.inference_dtype(device, cfg["mixed_precision"]),
                                     sampler=cfg["sampler"])
         with run_files.folder_lock(seed_dir, "toy_world data"):
-            images = _images_for(pipe, cfg, chosen, seed_dir / "images", seed, batch_size)
+            images = _images_for(pipe, cfg, chosen, path.parent / "images", seed, batch_size)
             pairs, ties = _label_pairs(chosen, images, tie_margin)
             if not pairs:
                 raise SailError(f"every one of the {len(chosen)} pairs for {path} is a tie (tie margin {tie_margin})")
             run_files.write_jsonl_atomic(path, pairs)
-        stats[path.stem] = dict(slots=len(chosen), pairs=len(pairs), ties=ties, tie_rate=round(ties / len(chosen), 4))
+        stats[("val_" if path.parent.name == "val" else "") + path.stem] = dict(slots=len(chosen), pairs=len(pairs), ties=ties, tie_rate=round(ties / len(chosen), 4))
         log.info("%s: %d pairs from %d slots (%.1f%% ties dropped)", path, len(pairs), len(chosen), 100 * ties / len(chosen))
     stats_path = seed_dir / "stats.json"
     if len(stats) > 3 or not stats_path.is_file():
@@ -275,7 +281,7 @@ def main(args):
         stats = make_run_data(run_dir, preset=args.preset, seed=args.seed, n_pools=args.n_pools, pool_size=args.pool_size,
                               n_eval=args.n_eval, seed_fraction=args.seed_fraction, pairs_per_prompt=args.pairs_per_prompt,
                               n_universe=args.n_universe, tie_margin=args.tie_margin, all_labels=args.all_labels,
-                              device=args.device)
+                              device=args.device, val_pairs=args.val_pairs)
         log.info("data ready in %s: %s", run_dir, json.dumps(stats))
     else:
         if not (run_dir / "eval" / "prompts.jsonl").is_file():
@@ -298,6 +304,8 @@ def parse_args(argv=None):
     data.add_argument("--n-universe", type=int, default=None, help="universe prompts (default: all that are left)")
     data.add_argument("--tie-margin", type=float, default=0.02, help="oracle score gap below which a pair is a tie")
     data.add_argument("--all-labels", action="store_true", help="also label the whole universe: seed/all_pairs.jsonl")
+    data.add_argument("--val-pairs", type=int, default=0,
+                      help="held-out labelled pairs, never trained on: val/pairs.jsonl (run_all.sh's drift guard reads it)")
     data.add_argument("--device", default=None)
     rep = sub.add_parser("report", help="oracle score of base and every checkpoint of a run")
     rep.add_argument("--run", required=True)
