@@ -108,6 +108,9 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
                             f"use a new --run folder or the same settings")
     cfg = models.get_preset(preset)
     evals, pools, universe = split_prompts(seed, n_pools, pool_size, n_eval, n_universe)
+    outside_seed = len(universe) * pairs_per_prompt - max(1, round(seed_fraction * len(universe) * pairs_per_prompt))
+    if val_pairs and not 0 < val_pairs <= outside_seed:
+        raise SailError(f"--val-pairs {val_pairs}: {outside_seed} labelled pair slots are outside the seed set")
     run_files.write_json_atomic(made, settings)
     for k, pool in enumerate(pools, 1):
         path = run_files.pool_path(run_dir, k)

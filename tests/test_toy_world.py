@@ -141,6 +141,19 @@ def test_make_run_data_is_deterministic_skips_and_refuses_other_settings(tiny_ru
     assert (run / "seed" / "pairs.jsonl").read_text() == first
 
 
+def test_val_pairs_are_held_out_and_leave_the_seed_as_it_was(tiny_run, tmp_path):
+    with pytest.raises(SailError, match="--val-pairs 10: 9 labelled pair slots are outside the seed set"):
+        toy.make_run_data(tmp_path / "too_many", preset="tiny-sd15", val_pairs=10, **TINY)
+    assert not (tmp_path / "too_many").exists()  # refused before anything was written
+    stats = toy.make_run_data(tmp_path / "run", preset="tiny-sd15", val_pairs=6, **TINY)
+    assert (tmp_path / "run" / "seed" / "pairs.jsonl").read_text() == (tiny_run / "seed" / "pairs.jsonl").read_text()
+    val = run_files.read_pairs(tmp_path / "run" / "val" / "pairs.jsonl")
+    assert stats["val_pairs"]["slots"] == 6 and len(val) == stats["val_pairs"]["pairs"] >= 1
+    assert all(p["_image_w"].parent == tmp_path / "run" / "val" / "images" for p in val)
+    seed_images = {p.name for p in (tmp_path / "run" / "seed" / "images").glob("*.png")}
+    assert not seed_images & ({p["_image_w"].name for p in val} | {p["_image_l"].name for p in val})
+
+
 def test_split_refuses_a_world_too_small():
     with pytest.raises(SailError, match="no prompts"):
         toy.split_prompts(0, n_pools=3, pool_size=300, n_eval=64)
