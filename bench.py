@@ -98,7 +98,7 @@ def write_random_pipeline(arch, folder, device, dtype, sampler):
     return str(folder)
 
 
-def training_job(init, args, folder, extra=()):
+def training_job(init, args, folder):
     """04_train.py's own job (its setup: models, optimizer, accelerate, mixed precision) on a pair file of
     noise images at the preset's resolution, --batch-size = one micro batch, nothing saved while timed."""
     preset = models.get_preset(args.preset)
@@ -112,7 +112,7 @@ def training_job(init, args, folder, extra=()):
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["--init", init, "--preset", args.preset, "--pairs", folder / "pairs.jsonl", "--out", folder / "ckpt",
             "--batch-size", pairs, "--micro-batch", pairs, "--max-steps", 10_000, "--save-every", 0, "--log-every", 10_000,
-            "--lr", 1e-9, "--empty-prompt-prob", 0, *(["--gradient-checkpointing"] if args.gradient_checkpointing else []), *extra]
+            "--lr", 1e-9, "--empty-prompt-prob", 0, *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     logger, level = logging.getLogger("sail"), logging.getLogger("sail").level
     logger.setLevel(logging.WARNING)  # the stage's own log lines would interleave with the table
     try:
