@@ -176,9 +176,9 @@ def main(args):
                 latents = dpo_maths.encode_images(pipe.vae, images, device).to(dtype)
                 cond = dpo_maths.encode_prompts(pipe, [group[0]["prompt"]], device)
                 reward, se = dpo_maths.self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws, args.beta,
-                                             seed=models.derive_seed(args.seed, "draws", pid),
-                                             common_draws=not args.no_common_draws, batch_size=args.reward_batch,
-                                             scheme=args.draw_scheme)
+                                                    seed=models.derive_seed(args.seed, "draws", pid),
+                                                    common_draws=not args.no_common_draws, batch_size=args.reward_batch,
+                                                    scheme=args.draw_scheme)
                 if not torch.isfinite(reward).all():
                     raise run_files.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
                                        f"check the checkpoint {args.ckpt} (NaN weights?) or use --mixed-precision no")

@@ -215,7 +215,7 @@ def load_models(job):
     if not args.lora_rank:
         models.speed_up(job.ref_unet, args.compile, channels_last=args.channels_last)
     optimizer = dpo_maths.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
-                                     args.weight_decay)
+                                         args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     job.unet, job.optimizer, job.schedule = job.accelerator.prepare(unet, optimizer, schedule)
     job.noise_scheduler = dpo_maths.forward_process(pipe.scheduler)

@@ -294,12 +294,11 @@ def drawing_pipe(job, start):
     for a LoRA the UNet with its adapter off) or the trained UNet as it is now; and a fresh sampler, so
     that the training's noise scheduler is not touched."""
     from accelerate.utils import DistributedType
-    from diffusers import DDIMScheduler, DDPMScheduler
     pipe, accelerator = job.pipe, job.accelerator
     fsdp1 = accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False)
     trained = job.unet if fsdp1 else accelerator.unwrap_model(job.unet)
     saved = pipe.unet, pipe.scheduler
-    pipe.scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[job.validation["sampler"]].from_config(saved[1].config)
+    models.use_sampler(pipe, job.validation["sampler"])
     lora_off = start and job.args.lora_rank
     if not (start and saved[0] is not None):
         pipe.unet = trained
