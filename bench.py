@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import math
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -190,9 +189,9 @@ def step_breakdown(job, steps, repeats):
 
 
 def peak_memory_mb():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """GPU memory allocated where there is a GPU, else the process's resident RAM (run_files.peak_memory)."""
+    memory = run_files.peak_memory()
+    return 1024 * memory.get("peak_gpu_gib", memory["peak_ram_gib"])
 
 
 def duration(seconds):
