@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from run_files import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, progress,
-                       read_jsonl, run_stage, save_args, setup_logging, write_json_atomic, write_jsonl_atomic)
+                       read_jsonl, run_stage, save_args, setup_logging, val_pairs_path, write_json_atomic,
+                       write_jsonl_atomic)
 from seed_split import (choose_pool_prompts, finished_import, pool_and_exclusion_files, prompt_id, prompt_lines,
                         seed_count, select_rows)
 
@@ -298,7 +299,7 @@ def main(args):
             write_jsonl_atomic(path, [dict(prompt_id=pid, prompt=p) for pid, p in chosen[start:start + size]])
         stats = dict(source=counts, excluded_prompts=len(excluded), seed_prompts_in_eval_sets=len(used & excluded))
         if args.val_pairs:
-            stats["val"] = write_pairs([pairs[i] for i in val_rows], fetch, run / "val", args.on_corrupt)
+            stats["val"] = write_pairs([pairs[i] for i in val_rows], fetch, val_pairs_path(run).parent, args.on_corrupt)
         stats["seed"] = write_pairs([pairs[i] for i in seed_rows], fetch, run / "seed", args.on_corrupt)
         check_pools_disjoint(run)
         val = stats.get("val", dict(pairs_written=0, undecodable=[]))

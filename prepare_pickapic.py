@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from run_files import (SailError, check_pools_disjoint, folder_lock, log, normalise_prompt, pool_path, progress,
-                       run_stage, save_args, setup_logging, write_json_atomic, write_jsonl_atomic)
+                       run_stage, save_args, setup_logging, val_pairs_path, write_json_atomic, write_jsonl_atomic)
 from seed_split import (choose_pool_prompts, finished_import, pool_and_exclusion_files, prompt_id, prompt_lines,
                         seed_count, select_rows)
 
@@ -261,8 +261,9 @@ def main(args):
             write_jsonl_atomic(path, [dict(prompt_id=pid, prompt=p) for pid, p in chosen[start:start + size]])
         log.info("pools written: %s prompts", pool_sizes)
         if args.val_pairs:
-            pairs, corrupt, counts = extract_pairs(vscan, vrows, run / "val", args.on_corrupt, args.batch_rows, "val")
-            write_jsonl_atomic(run / "val" / "pairs.jsonl", pairs)
+            pairs, corrupt, counts = extract_pairs(vscan, vrows, val_pairs_path(run).parent, args.on_corrupt, args.batch_rows,
+                                                   "val")
+            write_jsonl_atomic(val_pairs_path(run), pairs)
             stats["validation"] = dict(vscan.counts, pairs_written=len(pairs), corrupt=corrupt, **counts)
             log.info("val: %d pairs written (%d corrupt skipped)", len(pairs), len(corrupt))
         log.info("pass 2: images of %d seed pairs", n_seed)

@@ -241,6 +241,11 @@ def seed_pairs_path(run):
     return Path(run) / "seed" / "pairs.jsonl"
 
 
+def val_pairs_path(run):
+    """Held-out human pairs, never trained on (reward accuracy, the drift guard); images beside them."""
+    return Path(run) / "val" / "pairs.jsonl"
+
+
 def pool_paths(run):
     return sorted((Path(run) / "pools").glob(f"{ITERATION_PREFIX}*.jsonl"))
 

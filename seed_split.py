@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from run_files import (SailError, check_pools_disjoint, check_settings, log, normalise_prompt, pool_paths, read_jsonl,
-                       seed_pairs_path)
+                       seed_pairs_path, val_pairs_path)
 
 KIT_PROMPTS = Path(__file__).resolve().parent / "prompts"  # the evaluation prompts, kept out of every pool
 
@@ -81,7 +81,7 @@ def check_run_folder(run, settings, outputs):
     """True when this very import is complete; refuses a folder holding another import or foreign files."""
     plan = run / "seed" / "plan.json"
     if not plan.is_file():
-        found = [str(p) for p in (seed_pairs_path(run), run / "val/pairs.jsonl", *pool_paths(run))
+        found = [str(p) for p in (seed_pairs_path(run), val_pairs_path(run), *pool_paths(run))
                  if p.exists()]
         if found:
             raise SailError(f"{', '.join(found)} exist(s) but were not written by this importer (no {plan}); not overwriting")
@@ -95,7 +95,7 @@ def check_run_folder(run, settings, outputs):
 def finished_import(run, settings, pools, with_val):
     """True, and says so, when the run folder holds this very import complete (seed, pools, validation
     pairs and their images); False when it holds none; refuses another import's folder."""
-    outputs = [seed_pairs_path(run)] + list(pools) + ([run / "val" / "pairs.jsonl"] if with_val else [])
+    outputs = [seed_pairs_path(run)] + list(pools) + ([val_pairs_path(run)] if with_val else [])
     if not check_run_folder(run, settings, outputs):
         return False
     check_pools_disjoint(run)  # also against an eval/prompts.jsonl written since

@@ -129,7 +129,7 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
     if val_pairs:
         rest = sorted(set(range(len(slots))) - set(seed_index))
         pick = np.random.default_rng(models.derive_seed(seed, "toy-val-pairs") % 2**32).choice(rest, val_pairs, replace=False)
-        wanted.append((run_dir / "val" / "pairs.jsonl", [slots[i] for i in sorted(pick)]))
+        wanted.append((run_files.val_pairs_path(run_dir), [slots[i] for i in sorted(pick)]))
     pipe = None
     for path, chosen in wanted:
         if path.is_file():
@@ -145,7 +145,7 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
             if not pairs:
                 raise SailError(f"every one of the {len(chosen)} pairs for {path} is a tie (tie margin {tie_margin})")
             run_files.write_jsonl_atomic(path, pairs)
-        stats[("val_" if path.parent.name == "val" else "") + path.stem] = dict(slots=len(chosen), pairs=len(pairs), ties=ties, tie_rate=round(ties / len(chosen), 4))
+        stats[("val_" if path == run_files.val_pairs_path(run_dir) else "") + path.stem] = dict(slots=len(chosen), pairs=len(pairs), ties=ties, tie_rate=round(ties / len(chosen), 4))
         log.info("%s: %d pairs from %d slots (%.1f%% ties dropped)", path, len(pairs), len(chosen), 100 * ties / len(chosen))
     stats_path = seed_dir / "stats.json"
     if len(stats) > 3 or not stats_path.is_file():
