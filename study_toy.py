@@ -70,6 +70,30 @@ QUICK = dict(data="--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2
 FULL = dict(data="", steps=None, draws=10, sweep=[1, 10, 30], heldout=128, images_per_prompt=4)
 
 
+class StageLog:
+    """Runs stages as subprocesses in the kit's folder, their output appended to <folder>/study.log;
+    keeps each stage's wall time. A failing stage stops with the log's place in the message."""
+
+    def __init__(self, folder, label, threads=None):
+        self.folder, self.label, self.times = Path(folder), label, {}
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if threads:
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    def __call__(self, name, *cmd, extra_env=None):
+        start = time.time()
+        with open(self.folder / "study.log", "a") as out:
+            out.write(f"\n$ {' '.join(map(str, cmd))}\n")
+            out.flush()
+            code = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, cwd=KIT,
+                                  env={**self.env, **(extra_env or {})}).returncode
+        if code:
+            raise run_files.SailError(f"{self.label}: {name} failed (exit {code}); its output is at the end of "
+                                      f"{self.folder / 'study.log'}")
+        self.times[name] = round(time.time() - start, 1)
+        log.info("%s: %s done in %.0f s", self.label, name, self.times[name])
+
+
 def run_seed(args, seed, cfg):
     """Every stage of one seed, in order; returns the seed's numbers. Stage output goes to study.log."""
     run = args.out / f"seed_{seed}"
@@ -77,23 +101,7 @@ def run_seed(args, seed, cfg):
     steps = cfg["steps"] or models.get_preset(args.preset)["max_steps"]
     data_args = f"--seed {seed} --n-pools {args.iterations} {cfg['data']}".split()
     train_args = ["--seed", str(seed), "--max-steps", str(steps)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    times = {}
-
-    def sh(name, *cmd, extra_env=None):
-        start = time.time()
-        with open(run / "study.log", "a") as out:
-            out.write(f"\n$ {' '.join(map(str, cmd))}\n")
-            out.flush()
-            code = subprocess.run(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT, cwd=KIT,
-                                  env={**env, **(extra_env or {})}).returncode
-        if code:
-            raise run_files.SailError(f"seed {seed}: {name} failed (exit {code}); its output is at the end of {run / 'study.log'}")
-        times[name] = round(time.time() - start, 1)
-        log.info("seed %d: %s done in %.0f s", seed, name, times[name])
-
+    sh = StageLog(run, f"seed {seed}", args.threads)
     py = [sys.executable]
     sh("SAIL loop (run_all.sh)", "bash", KIT / "run_all.sh", args.preset, args.iterations,
        extra_env=dict(RUN=str(run), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0",
@@ -152,7 +160,7 @@ def run_seed(args, seed, cfg):
     stats = json.loads((run / "seed" / "stats.json").read_text())
     return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, data=stats, dpo_all_labels_steps=dpo_steps,
                 dpo_all_labels_long_steps=long_steps,
-                steps_per_iteration=steps, heldout_pairs=len(run_files.read_jsonl(heldout)), stage_seconds=times)
+                steps_per_iteration=steps, heldout_pairs=len(run_files.read_jsonl(heldout)), stage_seconds=sh.times)
 
 
 def write_heldout_pairs(seed_dir, n, seed):
