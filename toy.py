@@ -24,7 +24,7 @@ import numpy as np
 import run_files
 import sail_models as models
 from run_files import SailError
-from toy_world import all_captions, attribute_rates, oracle_details, oracle_prefers, oracle_score
+from toy_world import all_captions, attribute_rates, oracle_details, oracle_score
 
 log = logging.getLogger("sail")
 
@@ -50,18 +50,27 @@ def derive_split_seed(seed):
     return models.derive_seed(seed, "toy-split") % 2**32
 
 
-def _label_pairs(slots, images, tie_margin):
-    """Oracle labels for (row, j) slots whose two images are images[(pid, j, 'a'|'b')]; ties dropped."""
-    pairs, ties = [], 0
+def _label_pairs(slots, images, tie_margin, rater_noise=0.0, seed=0):
+    """Labels for (row, j) slots whose two images are images[(pid, j, 'a'|'b')]; ties (oracle scores
+    closer than tie_margin) dropped. rater_noise 0: the oracle's choice. rater_noise T > 0: a noisy
+    rater, Bradley-Terry on the oracle's scores, P(a wins) = sigmoid((score_a - score_b) / T), drawn
+    per slot from its own seed so that a slot has one label in every file. Returns (pairs, ties,
+    share of the pairs whose winner the oracle prefers)."""
+    pairs, ties, agree = [], 0, 0
     for row, j in slots:
         img_a, img_b = images[(row["prompt_id"], j, "a")], images[(row["prompt_id"], j, "b")]
-        choice = oracle_prefers(row["prompt"], img_a[1], img_b[1], tie_margin)
-        if choice is None:
+        score_a, score_b = oracle_score(row["prompt"], img_a[1]), oracle_score(row["prompt"], img_b[1])
+        if abs(score_a - score_b) < tie_margin:
             ties += 1
             continue
+        choice = 0 if score_a > score_b else 1
+        if rater_noise > 0:
+            u = np.random.default_rng(models.derive_seed(seed, "toy-rater", row["prompt_id"], j) % 2**32).random()
+            choice = 0 if u < 1 / (1 + math.exp(-(score_a - score_b) / rater_noise)) else 1
+        agree += choice == (0 if score_a > score_b else 1)
         w, l = (img_a, img_b) if choice == 0 else (img_b, img_a)
         pairs.append(dict(prompt=row["prompt"], image_w=w[0], image_l=l[0], source="human", prompt_id=row["prompt_id"]))
-    return pairs, ties
+    return pairs, ties, agree / max(1, len(pairs))
 
 
 def _images_for(pipe, preset, slots, folder, seed, batch_size):
@@ -89,16 +98,18 @@ def _images_for(pipe, preset, slots, folder, seed, batch_size):
 
 def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval=64, seed_fraction=0.06,
                   pairs_per_prompt=14, n_universe=None, tie_margin=0.02, all_labels=False, batch_size=64,
-                  device=None, val_pairs=0):
+                  device=None, val_pairs=0, rater_noise=0.0):
     """Write a run's data: the human seed pairs (images drawn by the preset's base model, labelled
     by the oracle, ties dropped), one prompt pool per iteration and the evaluation prompts, all
     prompt sets disjoint. The labelled universe is pairs_per_prompt pairs for each universe prompt;
     the seed is a random seed_fraction of its pair slots; val_pairs more slots, never trained on, are
-    labelled into val/pairs.jsonl (the drift guard's held-out pairs). Files that exist are kept. Returns stats."""
+    labelled into val/pairs.jsonl (the drift guard's held-out pairs). rater_noise > 0 labels every file
+    with a noisy rater instead of the oracle (_label_pairs). Files that exist are kept. Returns stats."""
     run_dir = Path(run_dir)
     settings = dict(preset=preset, seed=seed, n_pools=n_pools, pool_size=pool_size, n_eval=n_eval,
                     seed_fraction=seed_fraction, pairs_per_prompt=pairs_per_prompt, n_universe=n_universe,
-                    tie_margin=tie_margin, **({"val_pairs": val_pairs} if val_pairs else {}))  # older folders have none
+                    tie_margin=tie_margin, **({"val_pairs": val_pairs} if val_pairs else {}),  # older folders have none
+                    **({"rater_noise": rater_noise} if rater_noise else {}))
     made = run_dir / "toy_world.data.json"
     if made.is_file():
         before = json.loads(made.read_text())
@@ -141,12 +152,14 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
                                     sampler=cfg["sampler"])
         with run_files.folder_lock(seed_dir, "toy_world data"):
             images = _images_for(pipe, cfg, chosen, path.parent / "images", seed, batch_size)
-            pairs, ties = _label_pairs(chosen, images, tie_margin)
+            pairs, ties, agree = _label_pairs(chosen, images, tie_margin, rater_noise, seed)
             if not pairs:
                 raise SailError(f"every one of the {len(chosen)} pairs for {path} is a tie (tie margin {tie_margin})")
             run_files.write_jsonl_atomic(path, pairs)
-        stats[("val_" if path == run_files.val_pairs_path(run_dir) else "") + path.stem] = dict(slots=len(chosen), pairs=len(pairs), ties=ties, tie_rate=round(ties / len(chosen), 4))
-        log.info("%s: %d pairs from %d slots (%.1f%% ties dropped)", path, len(pairs), len(chosen), 100 * ties / len(chosen))
+        stats[("val_" if path == run_files.val_pairs_path(run_dir) else "") + path.stem] = dict(
+            slots=len(chosen), pairs=len(pairs), ties=ties, tie_rate=round(ties / len(chosen), 4), oracle_agreement=round(agree, 4))
+        log.info("%s: %d pairs from %d slots (%.1f%% ties dropped), %.1f%% of them labelled as the oracle would",
+                 path, len(pairs), len(chosen), 100 * ties / len(chosen), 100 * agree)
     stats_path = seed_dir / "stats.json"
     if len(stats) > 3 or not stats_path.is_file():
         old = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
@@ -284,7 +297,7 @@ def main(args):
         stats = make_run_data(run_dir, preset=args.preset, seed=args.seed, n_pools=args.n_pools, pool_size=args.pool_size,
                               n_eval=args.n_eval, seed_fraction=args.seed_fraction, pairs_per_prompt=args.pairs_per_prompt,
                               n_universe=args.n_universe, tie_margin=args.tie_margin, all_labels=args.all_labels,
-                              device=args.device, val_pairs=args.val_pairs)
+                              device=args.device, val_pairs=args.val_pairs, rater_noise=args.rater_noise)
         log.info("data ready in %s: %s", run_dir, json.dumps(stats))
     else:
         if not (run_dir / "eval" / "prompts.jsonl").is_file():
@@ -309,6 +322,8 @@ def parse_args(argv=None):
     data.add_argument("--all-labels", action="store_true", help="also label the whole universe: seed/all_pairs.jsonl")
     data.add_argument("--val-pairs", type=int, default=0,
                       help="held-out labelled pairs, never trained on: val/pairs.jsonl (run_all.sh's drift guard reads it)")
+    data.add_argument("--rater-noise", type=float, default=0.0,
+                      help="0: the oracle labels every pair; T > 0: a noisy rater, P(a wins) = sigmoid(score gap / T)")
     data.add_argument("--device", default=None)
     rep = sub.add_parser("report", help="oracle score of base and every checkpoint of a run")
     rep.add_argument("--run", required=True)

@@ -154,6 +154,27 @@ def test_val_pairs_are_held_out_and_leave_the_seed_as_it_was(tiny_run, tmp_path)
     assert not seed_images & ({p["_image_w"].name for p in val} | {p["_image_l"].name for p in val})
 
 
+def test_noisy_rater_is_bradley_terry_on_the_oracle_and_one_label_per_slot(monkeypatch):
+    """--rater-noise T: the oracle's winner wins with probability sigmoid(gap / T); ties stay ties;
+    a slot gets the same label whichever file it is labelled for."""
+    gaps = {"tie": 0.01, "near": 0.05, "far": 0.3}
+    monkeypatch.setattr(toy, "oracle_score", lambda prompt, img: gaps[prompt] if img == "a" else 0.0)
+    slots = [(dict(prompt_id=f"p{i}", prompt=kind), 0) for kind in gaps for i in range(1500)]
+    images = {(row["prompt_id"], 0, side): (f"images/{row['prompt_id']}{side}.png", side) for row, _ in slots for side in "ab"}
+    pairs, ties, agree = toy._label_pairs(slots, images, tie_margin=0.02)
+    assert ties == 1500 and agree == 1.0 and all(p["image_w"].endswith("a.png") for p in pairs)
+    noisy, ties, agree = toy._label_pairs(slots, images, tie_margin=0.02, rater_noise=0.1, seed=3)
+    assert ties == 1500 and len(noisy) == 3000
+    for kind, offset in (("near", 0), ("far", 1500)):
+        share = np.mean([p["image_w"].endswith("a.png") for p in noisy[offset:offset + 1500]])
+        assert share == pytest.approx(1 / (1 + np.exp(-gaps[kind] / 0.1)), abs=0.035), kind
+    assert agree == pytest.approx(np.mean([p["image_w"].endswith("a.png") for p in noisy]))
+    again, _, _ = toy._label_pairs(slots[1600:1700], images, tie_margin=0.02, rater_noise=0.1, seed=3)
+    assert again == noisy[100:200]  # one label per slot, in any file
+    other, _, _ = toy._label_pairs(slots, images, tie_margin=0.02, rater_noise=0.1, seed=4)
+    assert other != noisy
+
+
 def test_split_refuses_a_world_too_small():
     with pytest.raises(SailError, match="no prompts"):
         toy.split_prompts(0, n_pools=3, pool_size=300, n_eval=64)
