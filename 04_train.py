@@ -53,6 +53,8 @@ import train_tools as tools
 from lora import LORA_TARGETS, add_lora, lora_config, save_lora
 
 log = logging.getLogger("sail")
+SETTING_NAMES = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
+                 "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
 PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "micro_batch", "epochs", "max_steps", "batch_size", "lr")
 
 
@@ -117,15 +119,14 @@ def training_settings(args, total_steps, folder):
     """What decides the trained weights, recorded with a killed run's state: a resume with other values
     would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
     and round-off only), so a run killed for memory can resume with a smaller micro batch."""
-    names = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
-             "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
-    return dict({name: getattr(args, name) for name in names}, steps=total_steps,
+    return dict({name: getattr(args, name) for name in SETTING_NAMES}, steps=total_steps,
                 init=models.model_setting(args.init, folder), pairs=run_files.relative_to(args.pairs, folder))
 
 
 def main(args):
     args = resolve_paths(args)
     if Path(args.out).exists():
+        tools.check_finished_settings(args, [n for n in SETTING_NAMES if n != "no_flip"] + ["max_steps"])  # no_flip: preset's
         print(f"{args.out} is finished already; skipping (delete it to train again)")
         return
     job = setup(args)

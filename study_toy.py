@@ -11,7 +11,8 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
      first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
   3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
      base model, for as many steps as each SAIL stage (about one pass over its pairs; --dpo-all-steps),
-     and for as many steps as the whole SAIL run (iteration 0 + T iterations);
+     and for as many steps as the whole SAIL run (iteration 0 + T iterations), at the lr that study_lr.py
+     found best for it on the tuning seeds (--dpo-all-lr);
   4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
      and its win rate against the base; the self-reward's agreement with the oracle on its own
      best-worst pairs and on 128 held-out oracle-labelled pairs (05_eval.py --reward-accuracy):
@@ -140,7 +141,7 @@ def run_seed(args, seed, cfg):
     dpo_steps, long_steps = args.dpo_all_steps or steps, steps * (args.iterations + 1)
     for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", long_steps)):
         sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
-           "--out", run / name / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", n_steps)
+           "--out", run / name / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", n_steps, "--lr", args.dpo_all_lr)
 
     heldout = write_heldout_pairs(run / "seed", cfg["heldout"], seed)
     sweep_out, iters_out = run / "eval" / "reward_accuracy_draws", run / "eval" / "reward_accuracy_iterations"
@@ -159,6 +160,7 @@ def run_seed(args, seed, cfg):
                 accuracy[f"{path.parent.name}: {r['method']}"] = r["accuracy"]
     stats = json.loads((run / "seed" / "stats.json").read_text())
     return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, data=stats, dpo_all_labels_steps=dpo_steps,
+                dpo_all_labels_lr=args.dpo_all_lr,
                 dpo_all_labels_long_steps=long_steps,
                 steps_per_iteration=steps, heldout_pairs=len(run_files.read_jsonl(heldout)), stage_seconds=sh.times)
 
@@ -214,7 +216,8 @@ def markdown(summary, per_seed):
              f"Every model drew {first['oracle']['base']['n']} eval images on the same seeds; win rate = share of "
              "those images that beat the base model's image on the same seed (a tie counts half). SAIL and its "
              f"ablations train {first['steps_per_iteration']} steps per iteration; DPO on all labels trains "
-             f"{first['dpo_all_labels_steps']} steps (the long run {first['dpo_all_labels_long_steps']}) on "
+             f"{first['dpo_all_labels_steps']} steps (the long run {first['dpo_all_labels_long_steps']}) at lr "
+             f"{first.get('dpo_all_labels_lr', 1e-6):g} on "
              f"{first['data'].get('all_pairs', {}).get('pairs', '?')} pairs against the seed's "
              f"{first['data']['pairs']['pairs']}.", "",
              "| Model | Labels | Oracle score | vs base | Win rate vs base | Self-reward agrees with oracle |",
@@ -305,6 +308,8 @@ def build_parser():
     p.add_argument("--iterations", type=int, default=2, help="SAIL iterations T")
     p.add_argument("--preset", default="toy", help="toy; tiny-sd15 / tiny-sdxl test the plumbing")
     p.add_argument("--dpo-all-steps", type=int, help="steps of DPO on all labels (default: one iteration's steps)")
+    p.add_argument("--dpo-all-lr", type=float, default=1e-4,
+                   help="lr of DPO on all labels: the best of study_lr.py on the tuning seeds 0 and 1")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
     p.add_argument("--threads", type=int, help="torch threads per stage (default: torch's; 1 suits --jobs 2-3 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 training steps: checks the plumbing only")

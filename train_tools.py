@@ -179,6 +179,18 @@ def pair_latents(job, rows):
 
 
 # ---------------------------------------------------------------- resumable states
+def check_finished_settings(args, names):
+    """A finished checkpoint (args.out) is kept only if the settings given now are the ones it was
+    trained with; settings left to the preset (None now) are settled only when training starts."""
+    sail_json = Path(args.out) / "sail.json"
+    recorded = json.loads(sail_json.read_text()).get("args", {}) if sail_json.is_file() else {}
+    differ = [f"{name}: {recorded[name]} -> {getattr(args, name)}" for name in names
+              if getattr(args, name) is not None and name in recorded and recorded[name] != getattr(args, name)]
+    if differ:
+        raise run_files.SailError(f"{args.out} is finished but was trained with other settings ({', '.join(differ)}); "
+                                  "delete it to train again, or write to another --out")
+
+
 def state_dirs(partial):
     """The complete states of a killed run, oldest first: state-<step>/ (written as .tmp, then renamed)."""
     found = [(int(p.name.split("-")[1]), p) for p in Path(partial).glob("state-*") if p.name.split("-")[1].isdigit()]

@@ -18,7 +18,7 @@ def fake_seed(seed, shift):
     accuracy = {f"iter_00: self-reward K={k} {c} draws": 0.6 + 0.001 * k + (0.1 if c == "common" else 0) + shift
                 for k in (1, 10, 30) for c in ("common", "own")}
     return dict(seed=seed, oracle=oracle, heldout_accuracy=accuracy, steps_per_iteration=300, dpo_all_labels_steps=300,
-                dpo_all_labels_long_steps=900, heldout_pairs=128, data=dict(seed_slots=564, universe_slots=9408, pairs=dict(pairs=504),
+                dpo_all_labels_long_steps=900, dpo_all_labels_lr=1e-4, heldout_pairs=128, data=dict(seed_slots=564, universe_slots=9408, pairs=dict(pairs=504),
                                              all_pairs=dict(pairs=8400)))
 
 
@@ -38,7 +38,7 @@ def test_summary_table_and_plot(tmp_path):
     assert rows["SAIL iteration 2"].split(" | ")[1] == "6%"
     assert "0.250 ± 0.020" in rows["SAIL iteration 2"] and "+0.030 ± 0.000" in rows["SAIL iteration 2"]
     assert "92.0% ± 2.0" in rows["SAIL iteration 1"]
-    assert "8400 pairs against the seed's 504" in table and "data seeds 2, 3, 4" in table
+    assert "at lr 0.0001 on 8400 pairs against the seed's 504" in table and "data seeds 2, 3, 4" in table
     assert all(label in rows for _, label, _ in study.MODELS)
 
     assert study.plot(summary, tmp_path / "study.png")
@@ -83,6 +83,7 @@ def test_quick_study_on_tiny_models(tmp_path):
     assert sources["ablation_human_share_0.75"].count("human") > sources["ablation_human_share_0.75"].count("self")
     gens = [json.loads(line) for line in (run / "ablation_n2" / "generations.jsonl").read_text().splitlines()]
     assert {g["index"] for g in gens} == {0, 1} and all(g["image"].startswith("../iter_01/") for g in gens)
+    assert json.loads((run / "dpo_all_labels_long" / "ckpt" / "sail.json").read_text())["lr"] == study.build_parser().get_default("dpo_all_lr")
     assert json.loads((run / "dpo_all_labels" / "ckpt" / "sail.json").read_text())["pair_counts"]["human"] > \
         json.loads((run / "iter_00" / "ckpt" / "sail.json").read_text())["pair_counts"]["human"]
 

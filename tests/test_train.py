@@ -54,8 +54,12 @@ def test_finished_checkpoint_is_not_overwritten(tmp_path, capsys):
     make_pairs(tmp_path / "seed", n=4)
     run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 1)
     before = (tmp_path / "iter_00" / "ckpt" / "sail.json").read_text()
-    run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 3)
+    run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 1)
     assert "finished already" in capsys.readouterr().out
+    for flag, value, said in (("--max-steps", 3, "max_steps: 1 -> 3"), ("--lr", 3e-4, "lr: 0.0001 -> 0.0003")):
+        with pytest.raises(SystemExit) as exit_info:  # other settings would be mixed in silently: refused
+            run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 1, flag, value)
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
     assert (tmp_path / "iter_00" / "ckpt" / "sail.json").read_text() == before
 
 
