@@ -10,9 +10,9 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
      pairs (the other reading of the paper's mix ratio, see 03_mixup.py), N = 2 and N = 4 (the
      first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
   3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
-     base model, for as many steps as each SAIL stage (about one pass over its pairs; --dpo-all-steps),
-     and for as many steps as the whole SAIL run (iteration 0 + T iterations), at the lr that study_lr.py
-     found best for it on the tuning seeds (--dpo-all-lr);
+     base model at the lr and steps that study_lr.py found best for it on the tuning seeds (1e-4 and
+     100 steps, a third of a pass; --dpo-all-lr, --dpo-all-steps), and at that lr for as many steps as
+     the whole SAIL run (iteration 0 + T iterations);
   4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
      and its win rate against the base; the self-reward's agreement with the oracle on its own
      best-worst pairs and on 128 held-out oracle-labelled pairs (05_eval.py --reward-accuracy):
@@ -138,7 +138,7 @@ def run_seed(args, seed, cfg):
                folder / "train_pairs.jsonl", "--out", folder / "ckpt", "--iter", 2, *train_args)
 
     sh("data: all labels", *py, "toy.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
-    dpo_steps, long_steps = args.dpo_all_steps or steps, steps * (args.iterations + 1)
+    dpo_steps, long_steps = cfg["steps"] or args.dpo_all_steps, steps * (args.iterations + 1)  # --quick: 2 steps
     for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", long_steps)):
         sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
            "--out", run / name / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", n_steps, "--lr", args.dpo_all_lr)
@@ -307,9 +307,9 @@ def build_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="data seeds (0 and 1 tuned the toy world)")
     p.add_argument("--iterations", type=int, default=2, help="SAIL iterations T")
     p.add_argument("--preset", default="toy", help="toy; tiny-sd15 / tiny-sdxl test the plumbing")
-    p.add_argument("--dpo-all-steps", type=int, help="steps of DPO on all labels (default: one iteration's steps)")
-    p.add_argument("--dpo-all-lr", type=float, default=1e-4,
-                   help="lr of DPO on all labels: the best of study_lr.py on the tuning seeds 0 and 1")
+    p.add_argument("--dpo-all-steps", type=int, default=100,
+                   help="steps of DPO on all labels: with --dpo-all-lr, the best of study_lr.py on the tuning seeds 0 and 1")
+    p.add_argument("--dpo-all-lr", type=float, default=1e-4, help="lr of DPO on all labels")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
     p.add_argument("--threads", type=int, help="torch threads per stage (default: torch's; 1 suits --jobs 2-3 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 training steps: checks the plumbing only")
