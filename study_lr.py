@@ -158,12 +158,13 @@ def plot(args, table, out_path):
     lines = {}
     for key, label, lr, steps in rows(args):
         if lr is not None and table[key]["delta"]:
-            lines.setdefault(f"{label}, {steps} steps" if steps else label, []).append((lr, key))
+            name = (0, steps, f"{label}, {steps} steps") if steps else (1, 0, label)  # DPO by steps, then SAIL
+            lines.setdefault(name, []).append((lr, key))
     base = table["base"]["prompt"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, measure, ylabel in ((axes[0], "delta", "oracle score minus the base model's"),
                                 (axes[1], "prompt", "caption following (the oracle's caption half)")):
-        for k, (label, points) in enumerate(sorted(lines.items())):
+        for k, ((_, _, label), points) in enumerate(sorted(lines.items())):
             points.sort()
             lrs = [lr for lr, _ in points]
             stats = [table[key][measure] for _, key in points]
