@@ -33,7 +33,7 @@ import numpy as np
 import run_files
 import sail_models as models
 import scorers
-from study_toy import KIT, QUICK, StageLog, spread
+from study_toy import FULL, KIT, QUICK, StageLog, spread
 
 log = logging.getLogger("sail")
 MEASURES = ("mean", "delta", "win_rate", "prompt", "taste")
@@ -190,7 +190,7 @@ def main(args):
     args.out = args.out.resolve()
     run_files.setup_logging(args.out, "lr_sweep")
     run_files.save_args(args.out, "lr_sweep", args)
-    cfg = QUICK if args.quick else dict(data="", steps=None, draws=10, images_per_prompt=4)
+    cfg = QUICK if args.quick else FULL
     log.info("learning rates: preset %s, seeds %s, DPO on all labels at %s, SAIL at lr %s, %d job(s), output %s",
              args.preset, args.seeds, " ".join(f"{lr:g}:{s}" for lr, s in args.dpo),
              " ".join(f"{lr:g}" for lr in args.sail_lrs), args.jobs, args.out)
