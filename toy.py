@@ -24,7 +24,7 @@ import numpy as np
 import run_files
 import sail_models as models
 from run_files import SailError
-from toy_world import all_captions, attribute_rates, oracle_details, oracle_score
+from toy_world import all_captions, attribute_rates, choice_from_scores, oracle_details, oracle_score
 
 log = logging.getLogger("sail")
 
@@ -60,14 +60,14 @@ def _label_pairs(slots, images, tie_margin, rater_noise=0.0, seed=0):
     for row, j in slots:
         img_a, img_b = images[(row["prompt_id"], j, "a")], images[(row["prompt_id"], j, "b")]
         score_a, score_b = oracle_score(row["prompt"], img_a[1]), oracle_score(row["prompt"], img_b[1])
-        if abs(score_a - score_b) < tie_margin:
+        oracle_choice = choice = choice_from_scores(score_a, score_b, tie_margin)
+        if oracle_choice is None:
             ties += 1
             continue
-        choice = 0 if score_a > score_b else 1
         if rater_noise > 0:
             u = np.random.default_rng(models.derive_seed(seed, "toy-rater", row["prompt_id"], j) % 2**32).random()
             choice = 0 if u < 1 / (1 + math.exp(-(score_a - score_b) / rater_noise)) else 1
-        agree += choice == (0 if score_a > score_b else 1)
+        agree += choice == oracle_choice
         w, l = (img_a, img_b) if choice == 0 else (img_b, img_a)
         pairs.append(dict(prompt=row["prompt"], image_w=w[0], image_l=l[0], source="human", prompt_id=row["prompt_id"]))
     return pairs, ties, agree / max(1, len(pairs))
@@ -119,9 +119,10 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
                             f"use a new --run folder or the same settings")
     cfg = models.get_preset(preset)
     evals, pools, universe = split_prompts(seed, n_pools, pool_size, n_eval, n_universe)
-    outside_seed = len(universe) * pairs_per_prompt - max(1, round(seed_fraction * len(universe) * pairs_per_prompt))
-    if val_pairs and not 0 < val_pairs <= outside_seed:
-        raise SailError(f"--val-pairs {val_pairs}: {outside_seed} labelled pair slots are outside the seed set")
+    slots = [(row, j) for row in universe for j in range(pairs_per_prompt)]
+    n_seed = max(1, round(seed_fraction * len(slots)))
+    if val_pairs and not 0 < val_pairs <= len(slots) - n_seed:
+        raise SailError(f"--val-pairs {val_pairs}: {len(slots) - n_seed} labelled pair slots are outside the seed set")
     run_files.write_json_atomic(made, settings)
     for k, pool in enumerate(pools, 1):
         path = run_files.pool_path(run_dir, k)
@@ -129,9 +130,7 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
             run_files.write_jsonl_atomic(path, pool)
     if not (run_dir / "eval" / "prompts.jsonl").is_file():
         run_files.write_jsonl_atomic(run_dir / "eval" / "prompts.jsonl", evals)
-    slots = [(row, j) for row in universe for j in range(pairs_per_prompt)]
     rng = np.random.default_rng(models.derive_seed(seed, "toy-seed-pairs") % 2**32)
-    n_seed = max(1, round(seed_fraction * len(slots)))
     seed_index = sorted(rng.choice(len(slots), n_seed, replace=False))
     seed_slots = [slots[i] for i in seed_index]
     stats = dict(universe_prompts=len(universe), universe_slots=len(slots), seed_slots=n_seed)

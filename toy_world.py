@@ -265,7 +265,11 @@ def oracle_score(prompt, image):
 
 def oracle_prefers(prompt, img_a, img_b, tie_margin=0.02):
     """0 if the human prefers img_a, 1 if img_b, None for a tie (scores closer than tie_margin)."""
-    a, b = oracle_score(prompt, img_a), oracle_score(prompt, img_b)
+    return choice_from_scores(oracle_score(prompt, img_a), oracle_score(prompt, img_b), tie_margin)
+
+
+def choice_from_scores(a, b, tie_margin=0.02):
+    """The oracle's choice between two images scored a and b: 0, 1, or None for a tie."""
     if abs(a - b) < tie_margin:
         return None
     return 0 if a > b else 1
