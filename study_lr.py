@@ -24,16 +24,12 @@ import json
 import logging
 import os
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 import run_files
 import sail_models as models
 import scorers
-from study_toy import FULL, KIT, QUICK, StageLog, spread
+from study_toy import KIT, StageLog, add_study_flags, dpo_on_all_labels, label_universe, run_over_seeds, spread
 
 log = logging.getLogger("sail")
 MEASURES = ("mean", "delta", "win_rate", "prompt", "taste")
@@ -80,13 +76,11 @@ def run_seed(args, seed, cfg):
     run = args.out / f"seed_{seed}"
     run.mkdir(parents=True, exist_ok=True)
     sh = StageLog(run, f"seed {seed}", args.threads)
-    py = [sys.executable]
     data_args = f"--seed {seed} --n-pools {args.iterations} {cfg['data']}".split()
-    sh("data: all labels", *py, "toy.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
+    label_universe(sh, run, args.preset, data_args)
     for lr, steps in args.dpo:
-        sh(f"DPO on all labels, lr {lr:g}, {steps} steps", *py, "04_train.py", "--init", args.preset,
-           "--pairs", run / "seed" / "all_pairs.jsonl", "--out", run / dpo_name(lr, steps) / "ckpt", "--iter", 0,
-           "--seed", seed, "--max-steps", steps, "--lr", lr)
+        dpo_on_all_labels(sh, f"DPO on all labels, lr {lr:g}, {steps} steps", run, run / dpo_name(lr, steps) / "ckpt",
+                          args.preset, seed, steps, lr)
     sail_steps = cfg["steps"] or models.get_preset(args.preset)["max_steps"]
     for lr in args.sail_lrs:
         folder = run / sail_name(lr)
@@ -96,7 +90,7 @@ def run_seed(args, seed, cfg):
                           TRAIN_ARGS=f"--seed {seed} --max-steps {sail_steps} --lr {lr}"))
     results = {}
     for folder in [run] + [run / sail_name(lr) for lr in args.sail_lrs]:
-        sh(f"oracle report {folder.name}", *py, "toy.py", "report", "--run", folder,
+        sh(f"oracle report {folder.name}", sys.executable, "toy.py", "report", "--run", folder,
            "--images-per-prompt", cfg["images_per_prompt"])
         report = json.loads((folder / "eval" / "oracle_report.json").read_text())
         prefix = "" if folder == run else folder.name + "/"
@@ -187,20 +181,11 @@ def plot(args, table, out_path):
 
 
 def main(args):
-    args.out = args.out.resolve()
-    run_files.setup_logging(args.out, "lr_sweep")
-    run_files.save_args(args.out, "lr_sweep", args)
-    cfg = QUICK if args.quick else FULL
-    log.info("learning rates: preset %s, seeds %s, DPO on all labels at %s, SAIL at lr %s, %d job(s), output %s",
-             args.preset, args.seeds, " ".join(f"{lr:g}:{s}" for lr, s in args.dpo),
-             " ".join(f"{lr:g}" for lr in args.sail_lrs), args.jobs, args.out)
-    start = time.time()
-    models.describe_model(args.preset)  # builds the base model once (cached) before the seeds start
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        per_seed = list(pool.map(lambda s: run_seed(args, s, cfg), args.seeds))
+    dpo = " ".join(f"{lr:g}:{steps}" for lr, steps in args.dpo)
+    per_seed, seconds = run_over_seeds(args, "lr_sweep", run_seed, f"DPO on all labels at {dpo}, SAIL at lr "
+                                       + " ".join(f"{lr:g}" for lr in args.sail_lrs))
     table = summarize(args, per_seed)
-    run_files.write_json_atomic(args.out / "lr_sweep.json", dict(summary=table, per_seed=per_seed,
-                                                             wall_seconds=round(time.time() - start)))
+    run_files.write_json_atomic(args.out / "lr_sweep.json", dict(summary=table, per_seed=per_seed, wall_seconds=seconds))
     text = markdown(args, table, per_seed)
     (args.out / "lr_sweep.md").write_text(text)
     plot(args, table, args.out / "lr_sweep.png")
@@ -216,11 +201,7 @@ def build_parser():
                    default=[(lr, 300) for lr in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4)],
                    help="LR:STEPS of each DPO-on-all-labels run (default: lr 1e-6 ... 3e-4 at 300 steps)")
     p.add_argument("--sail-lrs", type=float, nargs="*", default=[1e-6, 3e-6, 1e-5], help="lr of each SAIL run")
-    p.add_argument("--iterations", type=int, default=2, help="SAIL iterations T")
-    p.add_argument("--preset", default="toy", help="toy; tiny-sd15 / tiny-sdxl test the plumbing")
-    p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
-    p.add_argument("--threads", type=int, help="torch threads per stage (1 suits --jobs 2 on 2 cores)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 SAIL steps: checks the plumbing only")
+    add_study_flags(p)
     return p
 
 

@@ -95,6 +95,17 @@ class StageLog:
         log.info("%s: %s done in %.0f s", self.label, name, self.times[name])
 
 
+def label_universe(sh, run, preset, data_args):
+    """The run's data with every pair slot of the universe labelled: seed/all_pairs.jsonl."""
+    sh("data: all labels", sys.executable, "toy.py", "data", "--run", run, "--preset", preset, *data_args, "--all-labels")
+
+
+def dpo_on_all_labels(sh, name, run, out, preset, seed, steps, lr):
+    """The paper's DiffusionDPO baseline: DPO from the base model on every labelled pair."""
+    sh(name, sys.executable, "04_train.py", "--init", preset, "--pairs", run / "seed" / "all_pairs.jsonl", "--out", out,
+       "--iter", 0, "--seed", seed, "--max-steps", steps, "--lr", lr)
+
+
 def run_seed(args, seed, cfg):
     """Every stage of one seed, in order; returns the seed's numbers. Stage output goes to study.log."""
     run = args.out / f"seed_{seed}"
@@ -137,11 +148,10 @@ def run_seed(args, seed, cfg):
             sh("ablation_no_mixup_iter2: 04 DPO", *py, "04_train.py", "--init", start, "--pairs",
                folder / "train_pairs.jsonl", "--out", folder / "ckpt", "--iter", 2, *train_args)
 
-    sh("data: all labels", *py, "toy.py", "data", "--run", run, "--preset", args.preset, *data_args, "--all-labels")
+    label_universe(sh, run, args.preset, data_args)
     dpo_steps, long_steps = cfg["steps"] or args.dpo_all_steps, steps * (args.iterations + 1)  # --quick: 2 steps
     for name, n_steps in (("dpo_all_labels", dpo_steps), ("dpo_all_labels_long", long_steps)):
-        sh(f"{name}: 04 DPO", *py, "04_train.py", "--init", args.preset, "--pairs", run / "seed" / "all_pairs.jsonl",
-           "--out", run / name / "ckpt", "--iter", 0, "--seed", seed, "--max-steps", n_steps, "--lr", args.dpo_all_lr)
+        dpo_on_all_labels(sh, f"{name}: 04 DPO", run, run / name / "ckpt", args.preset, seed, n_steps, args.dpo_all_lr)
 
     heldout = write_heldout_pairs(run / "seed", cfg["heldout"], seed)
     sweep_out, iters_out = run / "eval" / "reward_accuracy_draws", run / "eval" / "reward_accuracy_iterations"
@@ -280,20 +290,27 @@ def plot(summary, out_path):
     return True
 
 
-def main(args):
+def run_over_seeds(args, stage, run_seed, settings):
+    """What every study does around its seeds: logging and arguments in args.out, the base model
+    built once (cached) before the seeds start, then run_seed(args, seed, cfg) for each seed, --jobs
+    side by side. settings: the study's own settings, for the first log line. Returns (the seeds'
+    results, wall seconds)."""
     args.out = args.out.resolve()
-    run_files.setup_logging(args.out, "study")
-    run_files.save_args(args.out, "study", args)
+    run_files.setup_logging(args.out, stage)
+    run_files.save_args(args.out, stage, args)
     cfg = QUICK if args.quick else FULL
-    log.info("study: preset %s, seeds %s, %d iteration(s), %d job(s), output %s",
-             args.preset, args.seeds, args.iterations, args.jobs, args.out)
+    log.info("%s: preset %s, seeds %s, %s, %d job(s), output %s", stage, args.preset, args.seeds, settings, args.jobs, args.out)
     start = time.time()
-    models.describe_model(args.preset)  # builds the base model once (cached) before the seeds start
+    models.describe_model(args.preset)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         per_seed = list(pool.map(lambda s: run_seed(args, s, cfg), args.seeds))
+    return per_seed, round(time.time() - start)
+
+
+def main(args):
+    per_seed, seconds = run_over_seeds(args, "study", run_seed, f"{args.iterations} iteration(s)")
     summary = summarize(per_seed)
-    run_files.write_json_atomic(args.out / "study.json", dict(summary=summary, per_seed=per_seed,
-                                                       wall_seconds=round(time.time() - start)))
+    run_files.write_json_atomic(args.out / "study.json", dict(summary=summary, per_seed=per_seed, wall_seconds=seconds))
     table = markdown(summary, per_seed)
     (args.out / "study.md").write_text(table)
     plot(summary, args.out / "study.png")
@@ -305,15 +322,20 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="data seeds (0 and 1 tuned the toy world)")
-    p.add_argument("--iterations", type=int, default=2, help="SAIL iterations T")
-    p.add_argument("--preset", default="toy", help="toy; tiny-sd15 / tiny-sdxl test the plumbing")
     p.add_argument("--dpo-all-steps", type=int, default=100,
                    help="steps of DPO on all labels: with --dpo-all-lr, the best of study_lr.py on the tuning seeds 0 and 1")
     p.add_argument("--dpo-all-lr", type=float, default=1e-4, help="lr of DPO on all labels")
+    add_study_flags(p)
+    return p
+
+
+def add_study_flags(p):
+    """The flags run_over_seeds and the seeds' stages read, shared by the studies."""
+    p.add_argument("--iterations", type=int, default=2, help="SAIL iterations T")
+    p.add_argument("--preset", default="toy", help="toy; tiny-sd15 / tiny-sdxl test the plumbing")
     p.add_argument("--jobs", type=int, default=1, help="seeds run side by side")
     p.add_argument("--threads", type=int, help="torch threads per stage (default: torch's; 1 suits --jobs 2-3 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 training steps: checks the plumbing only")
-    return p
 
 
 if __name__ == "__main__":
