@@ -53,8 +53,8 @@ def sail_name(lr):
 
 
 def share_seed_data(run, folder):
-    """The seed's data in a SAIL run folder: pools, eval prompts and the seed pairs with their images,
-    hard-linked (toy.py data would make the same files again). seed/pairs.jsonl comes last: run_all.sh
+    """The seed's data in a SAIL run folder: pools, eval prompts, the seed pairs and any held-out
+    pairs with their images, hard-linked (toy.py data would make the same files again). seed/pairs.jsonl comes last: run_all.sh
     takes it as the sign that the data is there."""
     if (folder / "seed" / "pairs.jsonl").is_file():
         return
@@ -64,6 +64,10 @@ def share_seed_data(run, folder):
     names = ["pools/" + p.name for p in sorted((run / "pools").glob("*.jsonl"))]
     names += ["eval/prompts.jsonl", "toy_world.data.json", "seed/stats.json"]
     names += sorted({f"seed/{p[side]}" for p in pairs for side in ("image_w", "image_l")})
+    if run_files.val_pairs_path(run).is_file():  # held-out pairs (toy.py data --val-pairs): the drift guard's
+        val = run_files.read_jsonl(run_files.val_pairs_path(run))
+        names += sorted({f"val/{p[side]}" for p in val for side in ("image_w", "image_l")}) + ["val/pairs.jsonl"]
+        (folder / "val" / "images").mkdir(parents=True, exist_ok=True)
     (folder / "pools").mkdir(exist_ok=True)
     for name in names:
         if not (folder / name).exists():

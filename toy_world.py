@@ -275,17 +275,36 @@ def choice_from_scores(a, b, tie_margin=0.02):
     return 0 if a > b else 1
 
 
+def found_attributes(details):
+    """The object the oracle found, in the caption's words: colour, shape, size and position (None
+    each where it found no object)."""
+    got = dict(colour=details.get("found_colour"), shape=details.get("found_shape"), size=None, position=None)
+    if details.get("found"):
+        cx, cy = details["found_xy"]
+        got["position"] = min(POSITIONS, key=lambda k: (POSITIONS[k][0] - cx) ** 2 + (POSITIONS[k][1] - cy) ** 2)
+        got["size"] = min(SIZES, key=lambda k: abs(SIZES[k] - details["found_r"]))
+    return got
+
+
 def attribute_rates(details, prompts):
     """How often the drawn object has the caption's colour, shape, size and position."""
     hits = {k: [] for k in ("colour", "shape", "size", "position")}
     for d, p in zip(details, prompts):
-        want = parse_caption(p)
-        got = dict(colour=d.get("found_colour"), shape=d.get("found_shape"))
-        if d.get("found"):
-            cx, cy = d["found_xy"]
-            got["position"] = min(POSITIONS, key=lambda k: (POSITIONS[k][0] - cx) ** 2 + (POSITIONS[k][1] - cy) ** 2)
-            got["size"] = min(SIZES, key=lambda k: abs(SIZES[k] - d["found_r"]))
+        want, got = parse_caption(p), found_attributes(d)
         for k in hits:
             if want[k]:
-                hits[k].append(got.get(k) == want[k])
+                hits[k].append(got[k] == want[k])
     return {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+
+
+def diversity(images):
+    """How different a prompt's images are from each other: the mean over pairs of the RMS pixel
+    difference (0-1) and of the share of the found object's four attributes that differ (0-1)."""
+    arrays = [_as_array(im) for im in images]
+    found = [found_attributes(oracle_details("", a)) for a in arrays]
+    pairs = list(itertools.combinations(range(len(arrays)), 2))
+    if not pairs:
+        return dict(pixels=0.0, attributes=0.0)
+    pixels = [float(np.sqrt(np.mean((arrays[i] - arrays[j]) ** 2))) / 255 for i, j in pairs]
+    attrs = [np.mean([found[i][k] != found[j][k] for k in found[i]]) for i, j in pairs]
+    return dict(pixels=float(np.mean(pixels)), attributes=float(np.mean(attrs)))

@@ -20,10 +20,11 @@ def guard(run, it, *flags):
 
 
 @pytest.mark.parametrize("accuracies, stops, best", [
-    ([0.70, 0.80, 0.79], False, "iter_01"),   # within the tolerance
+    ([0.70, 0.80, 0.79], False, "iter_02"),   # within the tolerance: the latest
     ([0.70, 0.80, 0.75], True, "iter_01"),    # fell by 0.05
     ([0.70, 0.72, 0.74], False, "iter_02"),   # still rising
-    ([0.80, 0.80, 0.80], False, "iter_00"),   # equal: the earliest is the best
+    ([0.80, 0.80, 0.80], False, "iter_02"),   # equal: the latest is the best
+    ([0.80, 0.85, 0.82], True, "iter_01"),    # fell by 0.03, above iteration 0 still
 ])
 def test_stop_and_best(tmp_path, accuracies, stops, best):
     write_accuracies(tmp_path, accuracies)

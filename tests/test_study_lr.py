@@ -62,8 +62,13 @@ def test_sail_runs_share_the_seed_data(tmp_path):
                  "seed/images/a.png", "seed/images/b.png", "seed/images/c.png"):
         (run / name).write_text(name)
     (run / "seed" / "pairs.jsonl").write_text(json.dumps(dict(prompt="p", image_w="images/a.png", image_l="images/b.png")) + "\n")
+    (run / "val" / "images").mkdir(parents=True)
+    (run / "val" / "images" / "v.png").write_text("v")
+    (run / "val" / "pairs.jsonl").write_text(json.dumps(dict(prompt="q", image_w="images/v.png", image_l="images/v.png")) + "\n")
     sweep.share_seed_data(run, folder)
     assert sorted(p.name for p in (folder / "seed" / "images").iterdir()) == ["a.png", "b.png"]  # only the seed's images
+    assert (folder / "val" / "images" / "v.png").stat().st_ino == (run / "val" / "images" / "v.png").stat().st_ino
+    assert (folder / "val" / "pairs.jsonl").read_text() == (run / "val" / "pairs.jsonl").read_text()  # the drift guard's pairs
     assert (folder / "pools" / "iter_01.jsonl").stat().st_ino == (run / "pools" / "iter_01.jsonl").stat().st_ino
     assert json.loads((folder / "seed" / "pairs.jsonl").read_text()) == json.loads((run / "seed" / "pairs.jsonl").read_text())
     sweep.share_seed_data(run, folder)  # finished: nothing to do

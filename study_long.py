@@ -1,0 +1,255 @@
+"""The toy study's long runs: SAIL for T = 6 iterations at several shares of human pairs in the mix,
+measured after every iteration, and whether the drift guard (which needs no oracle) finds the
+iteration where the oracle score peaks.
+
+    python study_long.py --out runs/long --jobs 3 --share-jobs 3 --threads 1
+is short for, per data seed (default 2, 3, 4, which tuned nothing):
+    python toy.py data --run <out>/seed_<s> --seed <s> --n-pools 6 --val-pairs 500
+    RUN=<out>/seed_<s>/human_<h> HUMAN_SHARE=<h> GUARD=report bash run_all.sh toy 6   # h = 0, 0.25, 0.75
+    python toy.py report --run <out>/seed_<s>/human_<h>
+then the measures below. The plumbing on tiny random-weight models, in a minute or two:
+    python study_long.py --out /tmp/long --preset tiny-sd15 --quick --seeds 0 --iterations 2
+
+Per iteration (0 = DPO on the seed) of every run: the oracle score of 256 eval images, the gain and
+win rate against the base on the same seeds, caption following and taste (the oracle's two
+halves); the model's self-reward accuracy on the held-out human pairs (the drift guard's number;
+K = 10 common draws); of the iteration's self-labelled pairs, the share the oracle agrees with and
+the share with p(w > l) > 0.9; and diversity, the mean distance between images of the same prompt
+(RMS pixels, and the share of the oracle's four found attributes that differ), of the 4 eval images
+per prompt of each model and of the N = 8 candidates each model drew for the next iteration.
+The guard: for each run, the iteration with the best held-out accuracy (what guard.json names),
+where GUARD=stop would end the loop (the accuracy more than 0.02 below the best so far), and the
+oracle's peak; how often they agree and how much oracle score the guard's choice gives up.
+
+Reads:  nothing; the toy base model is built once and cached (python toy_base.py).
+Writes: <out>/seed_<s>/ (the data, human_<h>/ = a run_all.sh run folder with eval/long.json, study.log),
+        then <out>/long.json (every number per seed), long.md (tables), long.png (one panel per
+        measure against the iteration), long.args.json, log.txt. Every stage skips what is finished.
+"""
+import argparse
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+import drift_guard
+import run_files
+import scorers
+import toy_world
+from study_lr import share_seed_data
+from study_toy import KIT, StageLog, add_study_flags, run_over_seeds, spread
+
+log = logging.getLogger("sail")
+# name in the numbers -> label in tables and plots
+MEASURES = {"mean": "oracle score", "delta": "gain over the base", "win_rate": "win rate vs base",
+            "prompt": "caption following", "taste": "taste", "heldout_accuracy": "held-out self-reward accuracy",
+            "self_agreement": "self pairs the oracle agrees with", "confident": "self pairs with p > 0.9",
+            "diversity_pixels": "diversity, pixels", "diversity_attributes": "diversity, attributes",
+            "candidate_diversity_pixels": "candidates' diversity, pixels",
+            "candidate_diversity_attributes": "candidates' diversity, attributes"}
+
+
+def share_name(share):
+    return f"human_{share:g}"
+
+
+def run_seed(args, seed, cfg):
+    """Data once, then one SAIL run per human share (--share-jobs side by side); returns their measures."""
+    run = args.out / f"seed_{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    sh = StageLog(run, f"seed {seed}", args.threads)
+    noise = ["--rater-noise", str(args.rater_noise)] if args.rater_noise else []
+    sh("data", sys.executable, "toy.py", "data", "--run", run, "--preset", args.preset, "--seed", seed,
+       "--n-pools", args.iterations, "--val-pairs", cfg["heldout"] if args.quick else args.val_pairs, *cfg["data"].split(),
+       *noise)
+
+    def one_share(share):
+        folder = run / share_name(share)
+        share_seed_data(run, folder)
+        train = f"--seed {seed}" + (f" --max-steps {cfg['steps']}" if cfg["steps"] else "")
+        sh(f"SAIL, {100 * share:g}% human", "bash", KIT / "run_all.sh", args.preset, args.iterations,
+           extra_env=dict(RUN=str(folder), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0", GUARD="report",
+                          HUMAN_SHARE=f"{share:g}", TRAIN_ARGS=train))
+        sh(f"oracle report, {100 * share:g}% human", sys.executable, "toy.py", "report", "--run", folder,
+           "--images-per-prompt", cfg["images_per_prompt"])
+        return share_name(share), measure_run(folder, args.iterations)
+
+    with ThreadPoolExecutor(max_workers=args.share_jobs) as pool:
+        runs = dict(pool.map(one_share, args.human_shares))
+    return dict(seed=seed, runs=runs, guard={name: guard_choice(r, args.tolerance) for name, r in runs.items()},
+                stage_seconds=sh.times)
+
+
+def measure_run(folder, iterations):
+    """Every measure of every model of one run folder -> {measure: [value per iteration 0 .. T]}, base
+    model's numbers under "base"; cached in eval/long.json."""
+    cached = folder / "eval" / "long.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    report = json.loads((folder / "eval" / "oracle_report.json").read_text())
+    guard = json.loads((folder / "eval" / "guard" / "guard.json").read_text())["accuracy"]
+    names = [run_files.iteration_name(i) for i in range(iterations + 1)]
+    out = {m: [] for m in MEASURES}
+    for i, name in enumerate(names):
+        r = report.get(name, {})
+        for key in ("mean", "delta", "win_rate", "prompt", "taste"):
+            out[key].append(r.get(key))
+        out["heldout_accuracy"].append(guard.get(name))
+        out["self_agreement"].append(r.get("self_reward_agreement"))
+        pairs = folder / name / "pairs.jsonl"
+        out["confident"].append(float(np.mean([p["p"] > 0.9 for p in run_files.read_jsonl(pairs)])) if i and pairs.is_file() else None)
+        d = image_diversity(folder / "eval" / "oracle" / name, "scores.jsonl")
+        out["diversity_pixels"].append(d["pixels"])
+        out["diversity_attributes"].append(d["attributes"])
+        drawn = image_diversity(folder / run_files.iteration_name(i + 1), "generations.jsonl")  # drawn by this model
+        out["candidate_diversity_pixels"].append(drawn["pixels"])
+        out["candidate_diversity_attributes"].append(drawn["attributes"])
+    base = image_diversity(folder / "eval" / "oracle" / "base", "scores.jsonl")
+    out["base"] = dict(mean=report["base"]["mean"], prompt=report["base"]["prompt"], taste=report["base"]["taste"],
+                       diversity_pixels=base["pixels"], diversity_attributes=base["attributes"])
+    run_files.write_json_atomic(cached, out)
+    return out
+
+
+def image_diversity(folder, listing):
+    """Mean over prompts of toy_world.diversity of the images listed in folder/listing (rows with
+    prompt_id and image); None each when the folder holds no such listing."""
+    if not (folder / listing).is_file():
+        return dict(pixels=None, attributes=None)
+    groups = {}
+    for row in run_files.read_jsonl(folder / listing):
+        groups.setdefault(row["prompt_id"], []).append(run_files.load_image(folder / row["image"]))
+    each = [toy_world.diversity(images) for images in groups.values() if len(images) > 1]
+    return {k: float(np.mean([d[k] for d in each])) if each else None for k in ("pixels", "attributes")}
+
+
+def guard_choice(measures, tolerance):
+    """The drift guard's choices against the oracle's peak: best = the iteration guard.json names
+    (drift_guard.best_iteration); stopped_after = where GUARD=stop ends the loop (the first iteration
+    more than tolerance below the highest before it; None: never); score given up = the peak's oracle
+    score minus that of the guard's best and of the last model."""
+    acc, score = measures["heldout_accuracy"], measures["mean"]
+    done = [i for i in range(len(acc)) if acc[i] is not None and score[i] is not None]
+    best = drift_guard.best_iteration({i: acc[i] for i in done}, tolerance)
+    stopped_after = next((i for i in done if max(acc[j] for j in done if j <= i) - acc[i] > tolerance), None)
+    peak = max(done, key=lambda i: score[i])
+    return dict(best=best, stopped_after=stopped_after, peak=peak, best_loss=score[peak] - score[best],
+                last_loss=score[peak] - score[done[-1]])
+
+
+def summarize(per_seed):
+    """{run name: {measure: [(mean, sd, per-seed values) per iteration]}} over the seeds."""
+    table = {}
+    for name in per_seed[0]["runs"]:
+        runs = [s["runs"][name] for s in per_seed]
+        table[name] = {m: [spread([r[m][i] for r in runs]) for i in range(len(runs[0][m]))] for m in MEASURES}
+        table[name]["base"] = {k: spread([r["base"][k] for r in runs]) for k in runs[0]["base"]}
+    return table
+
+
+def _cell(stat, pct=False, sign=False):
+    if not stat:
+        return "–"
+    mean, sd, _ = stat
+    return f"{100 * mean:.0f}% ± {100 * sd:.0f}" if pct else f"{mean:{'+' if sign else ''}.3f} ± {sd:.3f}"
+
+
+def markdown(table, per_seed, tolerance):
+    seeds = ", ".join(str(s["seed"]) for s in per_seed)
+    columns = ("delta", "win_rate", "prompt", "taste", "heldout_accuracy", "self_agreement", "confident",
+               "diversity_pixels", "diversity_attributes")
+    pct = {"win_rate", "heldout_accuracy", "self_agreement", "confident", "diversity_attributes"}
+    lines = [f"## Long runs: data seeds {seeds} (mean ± sd over seeds)", ""]
+    for name, t in table.items():
+        b = t["base"]
+        lines += [f"### {name.replace('human_', '')} human pairs in the mix "
+                  f"(base: oracle {_cell(b['mean'])}, caption following {_cell(b['prompt'])}, taste {_cell(b['taste'])}, "
+                  f"diversity {_cell(b['diversity_pixels'])} pixels, {_cell(b['diversity_attributes'], pct=True)} attributes)", "",
+                  "| iteration | oracle | " + " | ".join(MEASURES[c] for c in columns) + " |", "|---" * (len(columns) + 2) + "|"]
+        for i in range(len(t["mean"])):
+            cells = [_cell(t[c][i], pct=c in pct, sign=c == "delta") for c in columns]
+            lines.append(f"| {i} | {_cell(t['mean'][i])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [f"### The drift guard against the oracle's peak (tolerance {tolerance})", "",
+              "| human pairs | seed | oracle peak | guard's best (held-out accuracy) | GUARD=stop stops after | "
+              "score given up by the guard's best / by the last model |", "|---|---|---|---|---|---|"]
+    for s in per_seed:
+        for name, g in s["guard"].items():
+            stop = "–" if g["stopped_after"] is None else g["stopped_after"]
+            lines.append(f"| {name.replace('human_', '')} | {s['seed']} | {g['peak']} | {g['best']} | {stop} | "
+                         f"{g['best_loss']:.3f} / {g['last_loss']:.3f} |")
+    choices = [g for s in per_seed for g in s["guard"].values()]
+    lines += ["", f"The guard's best is the oracle's peak in {sum(g['best'] == g['peak'] for g in choices)} of {len(choices)} "
+              f"runs and GUARD=stop stops {sum(g['stopped_after'] is not None for g in choices)} of them; oracle score given up, "
+              f"mean: {np.mean([g['best_loss'] for g in choices]):.3f} taking the guard's best, "
+              f"{np.mean([g['last_loss'] for g in choices]):.3f} taking the last model."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, out_path):
+    """One panel per measure against the iteration, one line per human share (sd over seeds as bars)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        log.info("matplotlib is not installed (pip install matplotlib): skipping %s", out_path)
+        return False
+    shown = [m for m in MEASURES if m != "mean"]
+    fig, axes = plt.subplots(3, 4, figsize=(15, 9.5))
+    for ax, measure in zip(axes.flat, shown):
+        for k, (name, t) in enumerate(table.items()):
+            points = [(i, s) for i, s in enumerate(t[measure]) if s]
+            if points:
+                ax.errorbar([i for i, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points], fmt="o-",
+                            color=f"C{k}", capsize=2, ms=3, label=f"{name.replace('human_', '')} human")
+            base = t["base"].get(measure)
+            if base and k == 0:
+                ax.axhline(base[0], color="black", lw=0.8, ls=":", label="base model")
+        if measure == "delta":
+            ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(MEASURES[measure], fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    last = max(i for t in table.values() for i, stat in enumerate(t["mean"]) if stat)
+    fig.suptitle(f"toy world: SAIL over {last} iterations by share of human pairs (mean ± sd over seeds)", fontsize=10)
+    fig.tight_layout()
+    scorers.save_figure(fig, out_path)
+    return True
+
+
+def main(args):
+    shares = " ".join(f"{s:g}" for s in args.human_shares)
+    per_seed, seconds = run_over_seeds(args, "long", run_seed, f"{args.iterations} iterations, human shares {shares}")
+    table = summarize(per_seed)
+    run_files.write_json_atomic(args.out / "long.json", dict(summary=table, per_seed=per_seed, wall_seconds=seconds))
+    text = markdown(table, per_seed, args.tolerance)
+    (args.out / "long.md").write_text(text)
+    plot(table, args.out / "long.png")
+    print(text)
+    log.info("written: %s, %s, %s", args.out / "long.md", args.out / "long.png", args.out / "long.json")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/long"), help="output folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="data seeds (0 and 1 tuned the toy world)")
+    p.add_argument("--human-shares", type=float, nargs="+", default=[0.0, 0.25, 0.75], help="share of human pairs in each mix")
+    p.add_argument("--share-jobs", type=int, default=1, help="runs of one seed side by side")
+    p.add_argument("--val-pairs", type=int, default=500, help="held-out human pairs for the drift guard")
+    p.add_argument("--tolerance", type=float, default=0.02, help="the drift guard's GUARD_TOLERANCE")
+    p.add_argument("--rater-noise", type=float, default=0.0, help="toy.py data --rater-noise: a noisy human (0: the oracle)")
+    add_study_flags(p)
+    p.set_defaults(iterations=6)
+    return p
+
+
+if __name__ == "__main__":
+    run_files.run_stage(main, build_parser().parse_args())

@@ -1,0 +1,150 @@
+"""study_long.py: the long runs' commands, per-iteration measures, diversity, the drift guard's choices,
+table and plot; slow: the whole study on tiny models."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, load_stage
+from PIL import Image
+
+import toy_world
+
+study = load_stage("study_long")
+
+
+def picture(shape="circle", colour="red", xy=(16, 16), r=6.5):
+    return toy_world.render_clean(shape, toy_world.COLOURS[colour], *xy, r)
+
+
+def test_diversity_in_pixels_and_attributes():
+    red, green = picture(), picture(colour="green")
+    assert toy_world.diversity([red, red]) == dict(pixels=0.0, attributes=0.0)
+    assert toy_world.diversity([red, green])["attributes"] == 0.25  # only the colour differs
+    small_square = picture("square", xy=(10, 10), r=4.0)  # shape, size and position differ
+    assert toy_world.diversity([red, small_square])["attributes"] == 0.75
+    three = toy_world.diversity([red, green, small_square])
+    assert three["attributes"] == pytest.approx((0.25 + 0.75 + 1.0) / 3)
+    rms = np.sqrt(np.mean((red - green) ** 2)) / 255
+    assert toy_world.diversity([red, green])["pixels"] == pytest.approx(rms) and rms > 0.1
+    assert toy_world.diversity([red]) == dict(pixels=0.0, attributes=0.0)
+
+
+def test_every_share_gets_its_run_with_the_guard(tmp_path, monkeypatch):
+    calls = []
+
+    def record(self, name, *cmd, extra_env=None):
+        calls.append(([str(c) for c in cmd], extra_env or {}))
+
+    monkeypatch.setattr(study.StageLog, "__call__", record)
+    monkeypatch.setattr(study, "share_seed_data", lambda run, folder: calls.append((["share", str(folder)], {})))
+    monkeypatch.setattr(study, "measure_run", lambda folder, t: fake_measures(0.0))
+    args = study.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "3", "--human-shares", "0", "0.25",
+                                            "--rater-noise", "0.15"])
+    result = study.run_seed(args, 3, dict(data="", steps=None, draws=10, images_per_prompt=4, heldout=128))
+    data = calls[0][0]
+    assert data[data.index("--val-pairs") + 1] == "500" and data[data.index("--n-pools") + 1] == "6"
+    assert data[data.index("--rater-noise") + 1] == "0.15"
+    loops = {env["HUMAN_SHARE"]: env for cmd, env in calls if "run_all.sh" in " ".join(cmd)}
+    assert set(loops) == {"0", "0.25"} and all(env["GUARD"] == "report" for env in loops.values())
+    assert loops["0.25"]["RUN"] == str(tmp_path / "seed_3" / "human_0.25") and "--seed 3" in loops["0.25"]["TRAIN_ARGS"]
+    assert ["share", str(tmp_path / "seed_3" / "human_0")] in [c for c, _ in calls]
+    assert set(result["runs"]) == set(result["guard"]) == {"human_0", "human_0.25"}
+
+
+def fake_run(folder, iterations=2):
+    """A finished run folder: oracle report, guard accuracies, self pairs, eval images, candidates."""
+    names = ["base"] + [f"iter_0{i}" for i in range(iterations + 1)]
+    report = {n: dict(mean=0.25 + 0.01 * k, prompt=0.2, taste=0.3 + 0.01 * k, delta=0.01 * k, win_rate=0.7)
+              for k, n in enumerate(names)}
+    for i in range(1, iterations + 1):
+        report[f"iter_0{i}"]["self_reward_agreement"] = 0.9
+    (folder / "eval" / "guard").mkdir(parents=True)
+    (folder / "eval" / "oracle_report.json").write_text(json.dumps(report))
+    (folder / "eval" / "guard" / "guard.json").write_text(json.dumps(
+        dict(accuracy={f"iter_0{i}": 0.8 - 0.01 * i for i in range(iterations + 1)})))
+    for k, name in enumerate(names):  # eval images: two per prompt, the same (base) or red and green
+        images = folder / "eval" / "oracle" / name / "images"
+        images.mkdir(parents=True)
+        rows = []
+        for i, colour in enumerate(("red", "red" if name == "base" else "green")):
+            Image.fromarray(picture(colour=colour).round().astype(np.uint8)).save(images / f"p_{i}.png")
+            rows.append(dict(prompt_id="p", image=f"images/p_{i}.png"))
+        (images.parent / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i in range(1, iterations + 1):
+        it = folder / f"iter_0{i}"
+        it.mkdir()
+        (it / "pairs.jsonl").write_text("".join(json.dumps(dict(p=p)) + "\n" for p in (0.95, 0.6, 0.99, 0.3)))
+    gens = folder / "iter_01"  # the candidates iteration 0 drew: one prompt, the same picture twice
+    (gens / "images").mkdir()
+    Image.fromarray(picture().round().astype(np.uint8)).save(gens / "images" / "c.png")
+    (gens / "generations.jsonl").write_text(2 * (json.dumps(dict(prompt_id="q", image="images/c.png")) + "\n"))
+
+
+def test_measures_of_a_run(tmp_path):
+    fake_run(tmp_path)
+    m = study.measure_run(tmp_path, 2)
+    assert m["mean"] == pytest.approx([0.26, 0.27, 0.28]) and m["heldout_accuracy"] == pytest.approx([0.8, 0.79, 0.78])
+    assert m["confident"] == [None, 0.5, 0.5] and m["self_agreement"] == [None, 0.9, 0.9]
+    assert m["diversity_attributes"] == [0.25, 0.25, 0.25] and m["base"]["diversity_attributes"] == 0.0
+    assert m["candidate_diversity_pixels"] == [0.0, None, None]  # iteration 0's candidates are identical
+    assert m["base"]["mean"] == 0.25
+    (tmp_path / "eval" / "oracle_report.json").unlink()
+    assert study.measure_run(tmp_path, 2) == m  # cached in eval/long.json
+
+
+def fake_measures(shift, accuracy=(0.85, 0.85, 0.84), scores=(0.27, 0.30, 0.28)):
+    m = {k: [0.1 + shift] * 3 for k in study.MEASURES}
+    m.update(heldout_accuracy=list(accuracy), mean=[None if s is None else s + shift for s in scores], confident=[None, 1.0, 1.0])
+    m["base"] = dict(mean=0.26, prompt=0.23, taste=0.29, diversity_pixels=0.24, diversity_attributes=0.64)
+    return m
+
+
+@pytest.mark.parametrize("accuracy, best, stopped_after, peak", [
+    ((0.85, 0.85, 0.84), 2, None, 1),   # flat within the tolerance: the latest
+    ((0.85, 0.86, 0.80), 1, 2, 1),      # fell by 0.06 after the best
+    ((0.80, 0.84, 0.83), 2, None, 1),
+])
+def test_guard_choice(accuracy, best, stopped_after, peak):
+    g = study.guard_choice(fake_measures(0.0, accuracy), 0.02)
+    assert (g["best"], g["stopped_after"], g["peak"]) == (best, stopped_after, peak)
+    assert g["best_loss"] == pytest.approx(0.30 - (0.27, 0.30, 0.28)[best]) and g["last_loss"] == pytest.approx(0.02)
+
+
+def test_guard_choice_skips_unfinished_iterations():
+    m = fake_measures(0.0, (0.85, 0.85, None), (0.27, 0.30, None))
+    assert study.guard_choice(m, 0.02)["best"] == 1
+
+
+def test_table_and_plot(tmp_path):
+    per_seed = [dict(seed=s, runs={"human_0": fake_measures(shift), "human_0.25": fake_measures(shift)})
+                for s, shift in ((2, 0.0), (3, 0.02))]
+    for s in per_seed:
+        s["guard"] = {n: study.guard_choice(r, 0.02) for n, r in s["runs"].items()}
+    table = study.summarize(per_seed)
+    mean, sd, values = table["human_0"]["mean"][1]
+    assert values == pytest.approx([0.30, 0.32]) and mean == pytest.approx(0.31)
+    text = study.markdown(table, per_seed, 0.02)
+    assert "### 0.25 human pairs in the mix" in text and "data seeds 2, 3" in text
+    assert "| 1 | 0.310 ± 0.014 |" in text and "peak in 0 of 4 runs" in text
+    assert study.plot(table, tmp_path / "long.png")
+    assert (tmp_path / "long.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_long_study_on_tiny_models(tmp_path):
+    """The study's stages on tiny random models (about 5 minutes): three shares, the guard each iteration."""
+    out = tmp_path / "long"
+    cmd = [sys.executable, str(ROOT / "study_long.py"), "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
+           "--iterations", "2", "--share-jobs", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for share in ("0", "0.25", "0.75"):
+        run = out / "seed_0" / f"human_{share}"
+        assert json.loads((run / "iter_02" / "ckpt" / "sail.json").read_text())["iter"] == 2
+        assert set(json.loads((run / "eval" / "guard" / "guard.json").read_text())["accuracy"]) == {"iter_00", "iter_01", "iter_02"}
+    result = json.loads((out / "long.json").read_text())
+    assert len(result["summary"]["human_0.25"]["mean"]) == 3 and (out / "long.png").is_file()
+    assert Path(out / "long.md").read_text().count("human pairs in the mix") == 3
