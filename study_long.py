@@ -40,7 +40,7 @@ import run_files
 import scorers
 import toy_world
 from study_lr import share_seed_data
-from study_toy import KIT, StageLog, add_study_flags, run_over_seeds, spread
+from study_toy import KIT, StageLog, add_study_flags, run_over_seeds, spread, write_results
 
 log = logging.getLogger("sail")
 # name in the numbers -> label in tables and plots
@@ -229,12 +229,8 @@ def main(args):
     shares = " ".join(f"{s:g}" for s in args.human_shares)
     per_seed, seconds = run_over_seeds(args, "long", run_seed, f"{args.iterations} iterations, human shares {shares}")
     table = summarize(per_seed)
-    run_files.write_json_atomic(args.out / "long.json", dict(summary=table, per_seed=per_seed, wall_seconds=seconds))
-    text = markdown(table, per_seed, args.tolerance)
-    (args.out / "long.md").write_text(text)
-    plot(table, args.out / "long.png")
-    print(text)
-    log.info("written: %s, %s, %s", args.out / "long.md", args.out / "long.png", args.out / "long.json")
+    write_results(args.out, "long", dict(summary=table, per_seed=per_seed, wall_seconds=seconds),
+                  markdown(table, per_seed, args.tolerance), lambda path: plot(table, path))
 
 
 def build_parser():

@@ -29,7 +29,8 @@ from pathlib import Path
 import run_files
 import sail_models as models
 import scorers
-from study_toy import KIT, StageLog, add_study_flags, dpo_on_all_labels, label_universe, run_over_seeds, spread
+from study_toy import (KIT, StageLog, add_study_flags, dpo_on_all_labels, label_universe, run_over_seeds, spread,
+                       write_results)
 
 log = logging.getLogger("sail")
 MEASURES = ("mean", "delta", "win_rate", "prompt", "taste")
@@ -189,12 +190,8 @@ def main(args):
     per_seed, seconds = run_over_seeds(args, "lr_sweep", run_seed, f"DPO on all labels at {dpo}, SAIL at lr "
                                        + " ".join(f"{lr:g}" for lr in args.sail_lrs))
     table = summarize(args, per_seed)
-    run_files.write_json_atomic(args.out / "lr_sweep.json", dict(summary=table, per_seed=per_seed, wall_seconds=seconds))
-    text = markdown(args, table, per_seed)
-    (args.out / "lr_sweep.md").write_text(text)
-    plot(args, table, args.out / "lr_sweep.png")
-    print(text)
-    log.info("written: %s, %s, %s", args.out / "lr_sweep.md", args.out / "lr_sweep.png", args.out / "lr_sweep.json")
+    write_results(args.out, "lr_sweep", dict(summary=table, per_seed=per_seed, wall_seconds=seconds),
+                  markdown(args, table, per_seed), lambda path: plot(args, table, path))
 
 
 def build_parser():

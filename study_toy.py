@@ -310,12 +310,17 @@ def run_over_seeds(args, stage, run_seed, settings):
 def main(args):
     per_seed, seconds = run_over_seeds(args, "study", run_seed, f"{args.iterations} iteration(s)")
     summary = summarize(per_seed)
-    run_files.write_json_atomic(args.out / "study.json", dict(summary=summary, per_seed=per_seed, wall_seconds=seconds))
-    table = markdown(summary, per_seed)
-    (args.out / "study.md").write_text(table)
-    plot(summary, args.out / "study.png")
-    print(table)
-    log.info("study written: %s, %s, %s", args.out / "study.md", args.out / "study.png", args.out / "study.json")
+    write_results(args.out, "study", dict(summary=summary, per_seed=per_seed, wall_seconds=seconds),
+                  markdown(summary, per_seed), lambda path: plot(summary, path))
+
+
+def write_results(out, stem, numbers, text, draw):
+    """A study's outputs: <stem>.json (numbers), <stem>.md (text, also printed), <stem>.png (draw(path))."""
+    run_files.write_json_atomic(out / f"{stem}.json", numbers)
+    (out / f"{stem}.md").write_text(text)
+    draw(out / f"{stem}.png")
+    print(text)
+    log.info("written: %s, %s, %s", out / f"{stem}.md", out / f"{stem}.png", out / f"{stem}.json")
 
 
 def build_parser():
