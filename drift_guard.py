@@ -43,9 +43,8 @@ def read_accuracies(guard_dir, last):
 
 
 def best_iteration(accuracies, tolerance):
-    """The latest iteration whose accuracy is within tolerance of the highest: accuracies that differ
-    by less than their noise say nothing against the more trained model (the toy study measured that
-    picking the earliest of the highest gave up most of the gain; see the README's drift guard)."""
+    """The latest iteration whose accuracy is within tolerance of the highest: the model GUARD=stop
+    would have gone on from, since accuracies that differ by less than the tolerance do not stop it."""
     top = max(accuracies.values())
     return max(it for it, acc in accuracies.items() if top - acc <= max(tolerance, 0.0))
 

@@ -12,7 +12,7 @@
 #
 # Environment overrides:
 #   RUN=runs/<preset>   run folder          N=8            candidates per prompt
-#   K=10                self-reward draws   HUMAN_SHARE=0.25  share of human pairs in each mix
+#   K=10                self-reward draws   HUMAN_SHARE=0.25  share of human pairs in each mix (0.75 past 2 iterations)
 #   PAIRING=best-worst  or random           PROMPTS=       prompts per iteration (default: the whole pool)
 #   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
@@ -67,6 +67,9 @@ guard() {  # guard ITER: held-out human pairs scored by iteration ITER's own rew
 }
 
 log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HUMAN_SHARE pairing $PAIRING"
+if (( T > 2 )) && awk "BEGIN { exit !($HUMAN_SHARE < 0.75) }"; then
+  log "note: in the toy's runs past 2 iterations only HUMAN_SHARE=0.75 kept improving (README, Longer runs)"
+fi
 if [[ "$PRESET" == toy ]]; then
   stage "toy base model" $PY "$KIT/toy_base.py"  # built once (about 4 minutes), then found in $SAIL_CACHE
 fi

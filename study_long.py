@@ -127,17 +127,19 @@ def image_diversity(folder, listing):
 
 
 def guard_choice(measures, tolerance):
-    """The drift guard's choices against the oracle's peak: best = the iteration guard.json names
-    (drift_guard.best_iteration); stopped_after = where GUARD=stop ends the loop (the first iteration
-    more than tolerance below the highest before it; None: never); score given up = the peak's oracle
-    score minus that of the guard's best and of the last model."""
+    """The drift guard's choices against the oracle's peak. best: the iteration guard.json names after
+    the whole run (drift_guard.best_iteration); stopped_after: where GUARD=stop ends the loop (the
+    first iteration more than tolerance below the highest before it; None: never); stop_keeps: what
+    guard.json names then. Score given up: the peak's oracle score minus that of each choice."""
     acc, score = measures["heldout_accuracy"], measures["mean"]
     done = [i for i in range(len(acc)) if acc[i] is not None and score[i] is not None]
     best = drift_guard.best_iteration({i: acc[i] for i in done}, tolerance)
     stopped_after = next((i for i in done if max(acc[j] for j in done if j <= i) - acc[i] > tolerance), None)
+    end = done[-1] if stopped_after is None else stopped_after
+    stop_keeps = drift_guard.best_iteration({i: acc[i] for i in done if i <= end}, tolerance)
     peak = max(done, key=lambda i: score[i])
-    return dict(best=best, stopped_after=stopped_after, peak=peak, best_loss=score[peak] - score[best],
-                last_loss=score[peak] - score[done[-1]])
+    return dict(best=best, stopped_after=stopped_after, stop_keeps=stop_keeps, peak=peak, best_loss=score[peak] - score[best],
+                stop_loss=score[peak] - score[stop_keeps], last_loss=score[peak] - score[done[-1]])
 
 
 def summarize(per_seed):
@@ -174,17 +176,19 @@ def markdown(table, per_seed, tolerance):
             lines.append(f"| {i} | {_cell(t['mean'][i])} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"### The drift guard against the oracle's peak (tolerance {tolerance})", "",
-              "| human pairs | seed | oracle peak | guard's best (held-out accuracy) | GUARD=stop stops after | "
-              "score given up by the guard's best / by the last model |", "|---|---|---|---|---|---|"]
+              "| human pairs | seed | oracle peak | guard's best after the run | GUARD=stop stops after, keeps | "
+              "score given up: guard's best / GUARD=stop / last model |", "|---|---|---|---|---|---|"]
     for s in per_seed:
         for name, g in s["guard"].items():
-            stop = "–" if g["stopped_after"] is None else g["stopped_after"]
-            lines.append(f"| {name.replace('human_', '')} | {s['seed']} | {g['peak']} | {g['best']} | {stop} | "
-                         f"{g['best_loss']:.3f} / {g['last_loss']:.3f} |")
+            stop = "never" if g["stopped_after"] is None else g["stopped_after"]
+            lines.append(f"| {name.replace('human_', '')} | {s['seed']} | {g['peak']} | {g['best']} | {stop}, {g['stop_keeps']} | "
+                         f"{g['best_loss']:.3f} / {g['stop_loss']:.3f} / {g['last_loss']:.3f} |")
     choices = [g for s in per_seed for g in s["guard"].values()]
-    lines += ["", f"The guard's best is the oracle's peak in {sum(g['best'] == g['peak'] for g in choices)} of {len(choices)} "
-              f"runs and GUARD=stop stops {sum(g['stopped_after'] is not None for g in choices)} of them; oracle score given up, "
-              f"mean: {np.mean([g['best_loss'] for g in choices]):.3f} taking the guard's best, "
+    lines += ["", f"Of {len(choices)} runs, the guard's best is the oracle's peak in {sum(g['best'] == g['peak'] for g in choices)}, "
+              f"GUARD=stop keeps the peak in {sum(g['stop_keeps'] == g['peak'] for g in choices)} (it stopped "
+              f"{sum(g['stopped_after'] is not None for g in choices)}); oracle score given up, mean: "
+              f"{np.mean([g['best_loss'] for g in choices]):.3f} taking the guard's best, "
+              f"{np.mean([g['stop_loss'] for g in choices]):.3f} with GUARD=stop, "
               f"{np.mean([g['last_loss'] for g in choices]):.3f} taking the last model."]
     return "\n".join(lines) + "\n"
 

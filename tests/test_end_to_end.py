@@ -157,3 +157,13 @@ def test_toy_world_shortened(tmp_path):
         assert f"{name} " in out and "follows colour" in out
     info = json.loads((run_dir / "iter_01" / "ckpt" / "sail.json").read_text())
     assert info["preset"] == "toy" and info["steps"] == 10
+
+
+@pytest.mark.parametrize("iterations, share, noted", [(3, "0.25", True), (3, "0.75", False), (2, "0.25", False)])
+def test_long_runs_with_few_human_pairs_get_a_note(tmp_path, iterations, share, noted):
+    """Past 2 iterations with under 75% human pairs run_all.sh points at the toy's long runs (the run
+    itself stops here at once: no seed pairs for sd15)."""
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "sd15", str(iterations)], capture_output=True, text=True,
+                          env={**os.environ, "RUN": str(tmp_path), "HUMAN_SHARE": share}, timeout=60)
+    assert done.returncode == 2 and "seed/pairs.jsonl not found" in done.stderr
+    assert ("only HUMAN_SHARE=0.75 kept improving" in done.stdout) == noted

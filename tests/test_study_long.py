@@ -102,15 +102,18 @@ def fake_measures(shift, accuracy=(0.85, 0.85, 0.84), scores=(0.27, 0.30, 0.28))
     return m
 
 
-@pytest.mark.parametrize("accuracy, best, stopped_after, peak", [
-    ((0.85, 0.85, 0.84), 2, None, 1),   # flat within the tolerance: the latest
+@pytest.mark.parametrize("accuracy, best, stopped_after, keeps", [
+    ((0.85, 0.85, 0.84), 2, None, 2),   # flat within the tolerance: the latest
     ((0.85, 0.86, 0.80), 1, 2, 1),      # fell by 0.06 after the best
-    ((0.80, 0.84, 0.83), 2, None, 1),
+    ((0.80, 0.84, 0.83), 2, None, 2),
+    ((0.86, 0.83, 0.86), 2, 1, 0),      # stops after a dip the full run would have seen recover
 ])
-def test_guard_choice(accuracy, best, stopped_after, peak):
+def test_guard_choice(accuracy, best, stopped_after, keeps):
     g = study.guard_choice(fake_measures(0.0, accuracy), 0.02)
-    assert (g["best"], g["stopped_after"], g["peak"]) == (best, stopped_after, peak)
-    assert g["best_loss"] == pytest.approx(0.30 - (0.27, 0.30, 0.28)[best]) and g["last_loss"] == pytest.approx(0.02)
+    assert (g["best"], g["stopped_after"], g["stop_keeps"], g["peak"]) == (best, stopped_after, keeps, 1)
+    scores = (0.27, 0.30, 0.28)
+    assert g["best_loss"] == pytest.approx(0.30 - scores[best]) and g["stop_loss"] == pytest.approx(0.30 - scores[keeps])
+    assert g["last_loss"] == pytest.approx(0.02)
 
 
 def test_guard_choice_skips_unfinished_iterations():
@@ -128,7 +131,7 @@ def test_table_and_plot(tmp_path):
     assert values == pytest.approx([0.30, 0.32]) and mean == pytest.approx(0.31)
     text = study.markdown(table, per_seed, 0.02)
     assert "### 0.25 human pairs in the mix" in text and "data seeds 2, 3" in text
-    assert "| 1 | 0.310 ± 0.014 |" in text and "peak in 0 of 4 runs" in text
+    assert "| 1 | 0.310 ± 0.014 |" in text and "Of 4 runs, the guard's best is the oracle's peak in 0" in text
     assert study.plot(table, tmp_path / "long.png")
     assert (tmp_path / "long.png").stat().st_size > 10_000
 
@@ -143,7 +146,7 @@ def test_long_study_on_tiny_models(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for share in ("0", "0.25", "0.75"):
         run = out / "seed_0" / f"human_{share}"
-        assert json.loads((run / "iter_02" / "ckpt" / "sail.json").read_text())["iter"] == 2
+        assert json.loads((run / "iter_02" / "ckpt" / "sail.json").read_text())["iteration"] == 2
         assert set(json.loads((run / "eval" / "guard" / "guard.json").read_text())["accuracy"]) == {"iter_00", "iter_01", "iter_02"}
     result = json.loads((out / "long.json").read_text())
     assert len(result["summary"]["human_0.25"]["mean"]) == 3 and (out / "long.png").is_file()
