@@ -85,12 +85,14 @@ def run_seed(args, seed, cfg):
 
 def measure_run(folder, iterations):
     """Every measure of every model of one run folder -> {measure: [value per iteration 0 .. T]}, base
-    model's numbers under "base"; cached in eval/long.json."""
+    model's numbers under "base"; cached in eval/long.json while the report and the guard's
+    accuracies it was made from stay the same (a resumed or longer run measures again)."""
     cached = folder / "eval" / "long.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
     report = json.loads((folder / "eval" / "oracle_report.json").read_text())
     guard = json.loads((folder / "eval" / "guard" / "guard.json").read_text())["accuracy"]
+    made_from = dict(iterations=iterations, report=report, guard=guard)
+    if cached.is_file() and json.loads(cached.read_text()).get("made_from") == made_from:
+        return json.loads(cached.read_text())["measures"]
     names = [run_files.iteration_name(i) for i in range(iterations + 1)]
     out = {m: [] for m in MEASURES}
     for i, name in enumerate(names):
@@ -110,7 +112,7 @@ def measure_run(folder, iterations):
     base = image_diversity(folder / "eval" / "oracle" / "base", "scores.jsonl")
     out["base"] = dict(mean=report["base"]["mean"], prompt=report["base"]["prompt"], taste=report["base"]["taste"],
                        diversity_pixels=base["pixels"], diversity_attributes=base["attributes"])
-    run_files.write_json_atomic(cached, out)
+    run_files.write_json_atomic(cached, dict(made_from=made_from, measures=out))
     return out
 
 

@@ -55,8 +55,8 @@ def sail_name(lr):
 
 def share_seed_data(run, folder):
     """The seed's data in a SAIL run folder: pools, eval prompts, the seed pairs and any held-out
-    pairs with their images, hard-linked (toy.py data would make the same files again). seed/pairs.jsonl comes last: run_all.sh
-    takes it as the sign that the data is there."""
+    pairs with their images, hard-linked (toy.py data would make the same files again).
+    seed/pairs.jsonl comes last: run_all.sh takes it as the sign that the data is there."""
     if (folder / "seed" / "pairs.jsonl").is_file():
         return
     (folder / "seed" / "images").mkdir(parents=True, exist_ok=True)

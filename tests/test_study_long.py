@@ -91,8 +91,17 @@ def test_measures_of_a_run(tmp_path):
     assert m["diversity_attributes"] == [0.25, 0.25, 0.25] and m["base"]["diversity_attributes"] == 0.0
     assert m["candidate_diversity_pixels"] == [0.0, None, None]  # iteration 0's candidates are identical
     assert m["base"]["mean"] == 0.25
-    (tmp_path / "eval" / "oracle_report.json").unlink()
-    assert study.measure_run(tmp_path, 2) == m  # cached in eval/long.json
+    report_path = tmp_path / "eval" / "oracle_report.json"
+    first_report = report_path.read_text()
+    report = json.loads(first_report)
+    report["iter_02"]["mean"] = 0.4
+    report_path.write_text(json.dumps(report))
+    assert study.measure_run(tmp_path, 2)["mean"][2] == 0.4  # a new report (the run went on): measured again
+    report_path.write_text(first_report)
+    assert study.measure_run(tmp_path, 2) == m
+    for image in tmp_path.glob("**/*.png"):
+        image.unlink()
+    assert study.measure_run(tmp_path, 2) == m  # cached in eval/long.json: the images are not read again
 
 
 def fake_measures(shift, accuracy=(0.85, 0.85, 0.84), scores=(0.27, 0.30, 0.28)):
