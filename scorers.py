@@ -592,9 +592,10 @@ def image_grid(rows, models, out_path, label_width=220):
     os.replace(tmp, out_path)
 
 
-def plot_metrics(series, models, out_path, title=""):
-    """series: {metric label: {line label: [(mean, low, high) or None per model]}} -> one panel per metric.
-    matplotlib is optional: without it the plot is skipped with a message."""
+def plot_metrics(series, models, out_path, title="", columns=None, reference=None):
+    """series: {metric label: {line label: [(mean, low, high) or None per model]}} -> one panel per metric,
+    columns panels to a row (default: all in one row); reference: {metric label: value}, a dotted line
+    (the base model's, say). matplotlib is optional: without it the plot is skipped with a message."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -602,18 +603,24 @@ def plot_metrics(series, models, out_path, title=""):
     except ImportError:
         log.info("matplotlib is not installed (pip install matplotlib): skipping %s", out_path)
         return False
-    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.2), squeeze=False)
-    for ax, (metric, lines) in zip(axes[0], series.items()):
+    columns = columns or len(series)
+    rows = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    for ax, (metric, lines) in zip(axes.flat, series.items()):
         for label, points in lines.items():
             xs = [i for i, p in enumerate(points) if p]
             means = np.array([points[i][0] for i in xs])
             err = np.array([[means[k] - points[i][1], points[i][2] - means[k]] for k, i in enumerate(xs)]).T
             ax.errorbar(xs, means, yerr=np.nan_to_num(err), marker="o", capsize=3, label=label)
+        if reference and reference.get(metric) is not None:
+            ax.axhline(reference[metric], color="black", lw=0.8, ls=":")
         ax.set_xticks(range(len(models)), models, rotation=30)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(fontsize=7)
+    for ax in axes.flat[len(series):]:
+        ax.axis("off")
     fig.suptitle(title)
     save_figure(fig, out_path)
     return True

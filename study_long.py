@@ -196,39 +196,18 @@ def markdown(table, per_seed, tolerance):
 
 
 def plot(table, out_path):
-    """One panel per measure against the iteration, one line per human share (sd over seeds as bars)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        log.info("matplotlib is not installed (pip install matplotlib): skipping %s", out_path)
-        return False
+    """One panel per measure against the iteration, one line per human share (mean ± sd over the
+    seeds), the base model's value dotted (zero for the gain)."""
     shown = [m for m in MEASURES if m != "mean"]
-    fig, axes = plt.subplots(3, 4, figsize=(15, 9.5))
-    for ax, measure in zip(axes.flat, shown):
-        for k, (name, t) in enumerate(table.items()):
-            points = [(i, s) for i, s in enumerate(t[measure]) if s]
-            if points:
-                ax.errorbar([i for i, _ in points], [s[0] for _, s in points], yerr=[s[1] for _, s in points], fmt="o-",
-                            color=f"C{k}", capsize=2, ms=3, label=f"{name.replace('human_', '')} human")
-            base = t["base"].get(measure)
-            if base and k == 0:
-                ax.axhline(base[0], color="black", lw=0.8, ls=":", label="base model")
-        if measure == "delta":
-            ax.axhline(0, color="black", lw=0.8)
-        ax.set_title(MEASURES[measure], fontsize=9)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in axes.flat[len(shown):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    iterations = max(len(t["mean"]) for t in table.values())
+    series = {MEASURES[m]: {f"{name.replace('human_', '')} human": [s and (s[0], s[0] - s[1], s[0] + s[1]) for s in t[m]]
+                            for name, t in table.items()} for m in shown}
+    base = next(iter(table.values()))["base"]
+    reference = {MEASURES[m]: base[m][0] for m in shown if base.get(m)}
+    reference[MEASURES["delta"]] = 0.0
     last = max(i for t in table.values() for i, stat in enumerate(t["mean"]) if stat)
-    fig.suptitle(f"toy world: SAIL over {last} iterations by share of human pairs (mean ± sd over seeds)", fontsize=10)
-    fig.tight_layout()
-    scorers.save_figure(fig, out_path)
-    return True
+    return scorers.plot_metrics(series, [str(i) for i in range(iterations)], out_path, columns=4, reference=reference,
+                                title=f"toy world: SAIL over {last} iterations by share of human pairs (mean ± sd over seeds)")
 
 
 def main(args):
