@@ -7,7 +7,12 @@ is short for, per data seed (default 2, 3, 4, which tuned nothing):
     python toy.py data --run <out>/seed_<s> --seed <s> --n-pools 6 --val-pairs 500
     RUN=<out>/seed_<s>/human_<h> HUMAN_SHARE=<h> GUARD=report bash run_all.sh toy 6   # h = 0, 0.25, 0.75
     python toy.py report --run <out>/seed_<s>/human_<h>
-then the measures below. The plumbing on tiny random-weight models, in a minute or two:
+then the measures below. Other settings through --data-args / --train-args (--val-pairs 0: no
+guard), and several outputs side by side, e.g. passes over each iteration's pairs (README):
+    python study_long.py --out runs/passes/steps30 --seeds 0 1 --human-shares 0.25 --iterations 4 \
+        --val-pairs 0 --data-args="--n-universe 288" --train-args="--lr 1e-5 --max-steps 30"
+    python study_long.py --out runs/passes --compare runs/passes/steps300 runs/passes/steps30
+The plumbing on tiny random-weight models, in a minute or two:
     python study_long.py --out /tmp/long --preset tiny-sd15 --quick --seeds 0 --iterations 2
 
 Per iteration (0 = DPO on the seed) of every run: the oracle score of 256 eval images, the gain and
@@ -24,7 +29,9 @@ oracle's peak; how often they agree and how much oracle score the guard's choice
 Reads:  nothing; the toy base model is built once and cached (python toy_base.py).
 Writes: <out>/seed_<s>/ (the data, human_<h>/ = a run_all.sh run folder with eval/long.json, study.log),
         then <out>/long.json (every number per seed), long.md (tables), long.png (one panel per
-        measure against the iteration), long.args.json, log.txt. Every stage skips what is finished.
+        measure against the iteration), long.args.json, log.txt; with --compare: <out>/compare.json,
+        .md (a row per setting and iteration, with the passes over its training pairs), .png.
+        Every stage skips what is finished.
 """
 import argparse
 import json
@@ -63,13 +70,13 @@ def run_seed(args, seed, cfg):
     sh = StageLog(run, f"seed {seed}", args.threads)
     noise = ["--rater-noise", str(args.rater_noise)] if args.rater_noise else []
     sh("data", sys.executable, "toy.py", "data", "--run", run, "--preset", args.preset, "--seed", seed,
-       "--n-pools", args.iterations, "--val-pairs", cfg["heldout"] if args.quick else args.val_pairs, *cfg["data"].split(),
-       *noise)
+       "--n-pools", args.iterations, "--val-pairs", cfg["heldout"] if args.quick and args.val_pairs else args.val_pairs,
+       *cfg["data"].split(), *args.data_args.split(), *noise)
 
     def one_share(share):
         folder = run / share_name(share)
         share_seed_data(run, folder)
-        train = f"--seed {seed}" + (f" --max-steps {cfg['steps']}" if cfg["steps"] else "")
+        train = f"--seed {seed}" + (f" --max-steps {cfg['steps']}" if cfg["steps"] else "") + f" {args.train_args}"
         sh(f"SAIL, {100 * share:g}% human", "bash", KIT / "run_all.sh", args.preset, args.iterations,
            extra_env=dict(RUN=str(folder), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0", GUARD="report",
                           HUMAN_SHARE=f"{share:g}", TRAIN_ARGS=train))
@@ -89,7 +96,8 @@ def measure_run(folder, iterations):
     accuracies it was made from stay the same (a resumed or longer run measures again)."""
     cached = folder / "eval" / "long.json"
     report = json.loads((folder / "eval" / "oracle_report.json").read_text())
-    guard = json.loads((folder / "eval" / "guard" / "guard.json").read_text())["accuracy"]
+    guard_file = folder / "eval" / "guard" / "guard.json"  # absent when the data has no held-out pairs
+    guard = json.loads(guard_file.read_text())["accuracy"] if guard_file.is_file() else {}
     made_from = dict(iterations=iterations, report=report, guard=guard)
     if cached.is_file() and json.loads(cached.read_text()).get("made_from") == made_from:
         return json.loads(cached.read_text())["measures"]
@@ -135,6 +143,8 @@ def guard_choice(measures, tolerance):
     guard.json names then. Score given up: the peak's oracle score minus that of each choice."""
     acc, score = measures["heldout_accuracy"], measures["mean"]
     done = [i for i in range(len(acc)) if acc[i] is not None and score[i] is not None]
+    if not done:
+        return None
     best = drift_guard.best_iteration({i: acc[i] for i in done}, tolerance)
     stopped_after = next((i for i in done if max(acc[j] for j in done if j <= i) - acc[i] > tolerance), None)
     end = done[-1] if stopped_after is None else stopped_after
@@ -177,15 +187,17 @@ def markdown(table, per_seed, tolerance):
             cells = [_cell(t[c][i], pct=c in pct, sign=c == "delta") for c in columns]
             lines.append(f"| {i} | {_cell(t['mean'][i])} | " + " | ".join(cells) + " |")
         lines.append("")
+    choices = [g for s in per_seed for g in s["guard"].values() if g]
+    if not choices:  # no held-out pairs, no guard
+        return "\n".join(lines) + "\n"
     lines += [f"### The drift guard against the oracle's peak (tolerance {tolerance})", "",
               "| human pairs | seed | oracle peak | guard's best after the run | GUARD=stop stops after, keeps | "
               "score given up: guard's best / GUARD=stop / last model |", "|---|---|---|---|---|---|"]
     for s in per_seed:
-        for name, g in s["guard"].items():
+        for name, g in filter(lambda item: item[1], s["guard"].items()):
             stop = "never" if g["stopped_after"] is None else g["stopped_after"]
             lines.append(f"| {name.replace('human_', '')} | {s['seed']} | {g['peak']} | {g['best']} | {stop}, {g['stop_keeps']} | "
                          f"{g['best_loss']:.3f} / {g['stop_loss']:.3f} / {g['last_loss']:.3f} |")
-    choices = [g for s in per_seed for g in s["guard"].values()]
     lines += ["", f"Of {len(choices)} runs, the guard's best is the oracle's peak in {sum(g['best'] == g['peak'] for g in choices)}, "
               f"GUARD=stop keeps the peak in {sum(g['stop_keeps'] == g['peak'] for g in choices)} (it stopped "
               f"{sum(g['stopped_after'] is not None for g in choices)}); oracle score given up, mean: "
@@ -195,27 +207,70 @@ def markdown(table, per_seed, tolerance):
     return "\n".join(lines) + "\n"
 
 
-def plot(table, out_path):
-    """One panel per measure against the iteration, one line per human share (mean ± sd over the
-    seeds), the base model's value dotted (zero for the gain)."""
-    shown = [m for m in MEASURES if m != "mean"]
+def plot(table, out_path, title):
+    """One panel per measure against the iteration, one line per table entry (mean ± sd over the
+    seeds), the base model's value dotted (zero for the gain); measures no run has are left out."""
+    shown = [m for m in MEASURES if m != "mean" and any(s for t in table.values() for s in t[m])]
     iterations = max(len(t["mean"]) for t in table.values())
-    series = {MEASURES[m]: {f"{name.replace('human_', '')} human": [s and (s[0], s[0] - s[1], s[0] + s[1]) for s in t[m]]
-                            for name, t in table.items()} for m in shown}
+    series = {MEASURES[m]: {label: [s and (s[0], s[0] - s[1], s[0] + s[1]) for s in t[m]] for label, t in table.items()}
+              for m in shown}
     base = next(iter(table.values()))["base"]
     reference = {MEASURES[m]: base[m][0] for m in shown if base.get(m)}
     reference[MEASURES["delta"]] = 0.0
-    last = max(i for t in table.values() for i, stat in enumerate(t["mean"]) if stat)
     return scorers.plot_metrics(series, [str(i) for i in range(iterations)], out_path, columns=4, reference=reference,
-                                title=f"toy world: SAIL over {last} iterations by share of human pairs (mean ± sd over seeds)")
+                                title=title)
+
+
+def passes(folder, seeds, name, iteration):
+    """Training pairs and passes over them (steps x batch / pairs) of one iteration, mean over seeds."""
+    found = [json.loads(f.read_text()) for s in seeds
+             if (f := folder / f"seed_{s}" / name / run_files.iteration_name(iteration) / "train.args.json").is_file()]
+    if not found:
+        return None
+    return (float(np.mean([a["num_pairs"] for a in found])),
+            float(np.mean([a["max_steps"] * a["batch_size"] / a["num_pairs"] for a in found])))
+
+
+def compare(args):
+    """--compare: several study outputs (one setting each: pool size, training steps, ...) side by
+    side -> <out>/compare.json/md/png, one line per setting and human share."""
+    args.out = args.out.resolve()
+    run_files.setup_logging(args.out, "compare")
+    run_files.save_args(args.out, "compare", args)
+    table, lines = {}, ["## Settings compared (mean ± sd over seeds)", ""]
+    for folder in args.compare:
+        numbers = json.loads((folder / "long.json").read_text())
+        made = json.loads((folder / "long.args.json").read_text())
+        seeds = [s["seed"] for s in numbers["per_seed"]]
+        lines.append(f"- {folder.name}: data seeds {', '.join(map(str, seeds))}; toy.py data {made.get('data_args') or '(defaults)'}; "
+                     f"00/04 {made.get('train_args') or '(the preset: 300 steps of 32 pairs at lr 1e-6)'}")
+        for name, t in numbers["summary"].items():
+            label = f"{folder.name}, {name.replace('human_', '')} human"
+            table[label] = dict(t, passes=[passes(folder, seeds, name, i) for i in range(len(t["mean"]))])
+    columns = ("delta", "win_rate", "prompt", "taste", "self_agreement", "diversity_pixels")
+    pct = {"win_rate", "self_agreement"}
+    lines += ["", "| setting | iteration | training pairs | passes over them | " + " | ".join(MEASURES[c] for c in columns) + " |",
+              "|---" * (len(columns) + 4) + "|"]
+    for label, t in table.items():
+        for i in range(len(t["mean"])):
+            pairs, over = t["passes"][i] or ("–", None)
+            cells = [_cell(t[c][i], pct=c in pct, sign=c == "delta") for c in columns]
+            lines.append(f"| {label} | {i} | {pairs if over is None else f'{pairs:.0f}'} | "
+                         f"{'–' if over is None else f'{over:.0f}'} | " + " | ".join(cells) + " |")
+    write_results(args.out, "compare", dict(summary=table), "\n".join(lines) + "\n",
+                  lambda path: plot(table, path, "toy world: settings compared (mean ± sd over seeds)"))
 
 
 def main(args):
+    if args.compare:
+        return compare(args)
     shares = " ".join(f"{s:g}" for s in args.human_shares)
     per_seed, seconds = run_over_seeds(args, "long", run_seed, f"{args.iterations} iterations, human shares {shares}")
     table = summarize(per_seed)
     write_results(args.out, "long", dict(summary=table, per_seed=per_seed, wall_seconds=seconds),
-                  markdown(table, per_seed, args.tolerance), lambda path: plot(table, path))
+                  markdown(table, per_seed, args.tolerance),
+                  lambda path: plot({f"{n.replace('human_', '')} human": t for n, t in table.items()}, path,
+                                    f"toy world: SAIL over {args.iterations} iterations by share of human pairs (mean ± sd over seeds)"))
 
 
 def build_parser():
@@ -224,9 +279,12 @@ def build_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="data seeds (0 and 1 tuned the toy world)")
     p.add_argument("--human-shares", type=float, nargs="+", default=[0.0, 0.25, 0.75], help="share of human pairs in each mix")
     p.add_argument("--share-jobs", type=int, default=1, help="runs of one seed side by side")
-    p.add_argument("--val-pairs", type=int, default=500, help="held-out human pairs for the drift guard")
+    p.add_argument("--val-pairs", type=int, default=500, help="held-out human pairs for the drift guard (0: no guard)")
     p.add_argument("--tolerance", type=float, default=0.02, help="the drift guard's GUARD_TOLERANCE")
     p.add_argument("--rater-noise", type=float, default=0.0, help="toy.py data --rater-noise: a noisy human (0: the oracle)")
+    p.add_argument("--data-args", default="", help="extra flags for toy.py data, e.g. '--pool-size 128 --n-universe 288'")
+    p.add_argument("--train-args", default="", help="extra flags for 00/04, e.g. '--lr 1e-5 --max-steps 30'")
+    p.add_argument("--compare", type=Path, nargs="+", help="instead of running: tabulate these study outputs side by side in --out")
     add_study_flags(p)
     p.set_defaults(iterations=6)
     return p

@@ -52,6 +52,21 @@ def test_every_share_gets_its_run_with_the_guard(tmp_path, monkeypatch):
     assert loops["0.25"]["RUN"] == str(tmp_path / "seed_3" / "human_0.25") and "--seed 3" in loops["0.25"]["TRAIN_ARGS"]
     assert ["share", str(tmp_path / "seed_3" / "human_0")] in [c for c, _ in calls]
     assert set(result["runs"]) == set(result["guard"]) == {"human_0", "human_0.25"}
+    assert "--val-pairs" in data and "--pool-size" not in data
+
+
+def test_extra_flags_reach_the_data_and_the_training(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study.StageLog, "__call__", lambda self, name, *cmd, extra_env=None: calls.append((cmd, extra_env or {})))
+    monkeypatch.setattr(study, "share_seed_data", lambda run, folder: None)
+    monkeypatch.setattr(study, "measure_run", lambda folder, t: fake_measures(0.0))
+    args = study.build_parser().parse_args(["--out", str(tmp_path), "--human-shares", "0.25", "--val-pairs", "0",
+                                            "--data-args=--pool-size 128 --n-universe 288", "--train-args=--lr 1e-5 --max-steps 30"])
+    study.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4, heldout=128))
+    data = [str(c) for c in calls[0][0]]
+    assert data[data.index("--pool-size") + 1] == "128" and data[data.index("--n-universe") + 1] == "288"
+    assert data[data.index("--val-pairs") + 1] == "0"
+    assert calls[1][1]["TRAIN_ARGS"].split() == ["--seed", "0", "--lr", "1e-5", "--max-steps", "30"]
 
 
 def fake_run(folder, iterations=2):
@@ -141,8 +156,46 @@ def test_table_and_plot(tmp_path):
     text = study.markdown(table, per_seed, 0.02)
     assert "### 0.25 human pairs in the mix" in text and "data seeds 2, 3" in text
     assert "| 1 | 0.310 ± 0.014 |" in text and "Of 4 runs, the guard's best is the oracle's peak in 0" in text
-    assert study.plot(table, tmp_path / "long.png")
+    assert study.plot(table, tmp_path / "long.png", "title")
     assert (tmp_path / "long.png").stat().st_size > 10_000
+
+
+def test_runs_without_held_out_pairs_have_no_guard(tmp_path):
+    fake_run(tmp_path)
+    (tmp_path / "eval" / "guard" / "guard.json").unlink()
+    m = study.measure_run(tmp_path, 2)
+    assert m["heldout_accuracy"] == [None, None, None] and m["mean"] == pytest.approx([0.26, 0.27, 0.28])
+    assert study.guard_choice(m, 0.02) is None
+    per_seed = [dict(seed=2, runs={"human_0.25": m}, guard={"human_0.25": None})]
+    text = study.markdown(study.summarize(per_seed), per_seed, 0.02)
+    assert "| 2 | 0.280 ± 0.000 |" in text and "drift guard" not in text
+
+
+def fake_study(folder, shift, data_args, train_args, steps, pairs):
+    """A finished study output: long.json and long.args.json, and each run's train.args.json."""
+    per_seed = [dict(seed=s, runs={"human_0.25": fake_measures(shift + 0.01 * s)}) for s in (0, 1)]
+    folder.mkdir()
+    (folder / "long.json").write_text(json.dumps(dict(summary=study.summarize(per_seed), per_seed=per_seed)))
+    (folder / "long.args.json").write_text(json.dumps(dict(data_args=data_args, train_args=train_args)))
+    for s in (0, 1):
+        for i in range(3):
+            it = folder / f"seed_{s}" / "human_0.25" / f"iter_0{i}"
+            it.mkdir(parents=True)
+            (it / "train.args.json").write_text(json.dumps(dict(max_steps=steps, batch_size=32, num_pairs=pairs + s)))
+
+
+def test_compare_settings(tmp_path):
+    fake_study(tmp_path / "steps300", 0.0, "", "", 300, 85)
+    fake_study(tmp_path / "steps30", 0.05, "--pool-size 128", "--lr 1e-5 --max-steps 30", 30, 170)
+    args = study.build_parser().parse_args(["--out", str(tmp_path / "out"), "--compare", str(tmp_path / "steps300"),
+                                            str(tmp_path / "steps30")])
+    study.main(args)
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "- steps30: data seeds 0, 1; toy.py data --pool-size 128; 00/04 --lr 1e-5 --max-steps 30" in text
+    assert "| steps300, 0.25 human | 1 | 86 | 112 | " in text  # 300 x 32 / 85 and / 86, averaged
+    assert "| steps30, 0.25 human | 2 | 170 | 6 | " in text
+    assert "0.355 ± 0.007" not in text and "| steps30, 0.25 human | 1 | 170 | 6 | +0.155 ± 0.007 |" in text
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
