@@ -44,6 +44,7 @@ import numpy as np
 
 import drift_guard
 import run_files
+import sail_models
 import scorers
 import toy_world
 from study_lr import share_seed_data
@@ -231,6 +232,11 @@ def passes(folder, seeds, name, iteration):
             float(np.mean([a["max_steps"] * a["batch_size"] / a["num_pairs"] for a in found])))
 
 
+def preset_training(preset):
+    p = sail_models.get_preset(preset)
+    return f"(the {preset} preset: {p['max_steps']} steps of {p['batch_size']} pairs at lr {p['lr']:g})"
+
+
 def compare(args):
     """--compare: several study outputs (one setting each: pool size, training steps, ...) side by
     side -> <out>/compare.json/md/png, one line per setting and human share."""
@@ -239,11 +245,13 @@ def compare(args):
     run_files.save_args(args.out, "compare", args)
     table, lines = {}, ["## Settings compared (mean ± sd over seeds)", ""]
     for folder in args.compare:
+        if not (folder / "long.json").is_file():
+            raise run_files.SailError(f"{folder / 'long.json'} not found: --compare takes finished study_long.py outputs")
         numbers = json.loads((folder / "long.json").read_text())
         made = json.loads((folder / "long.args.json").read_text())
         seeds = [s["seed"] for s in numbers["per_seed"]]
         lines.append(f"- {folder.name}: data seeds {', '.join(map(str, seeds))}; toy.py data {made.get('data_args') or '(defaults)'}; "
-                     f"00/04 {made.get('train_args') or '(the preset: 300 steps of 32 pairs at lr 1e-6)'}")
+                     f"00/04 {made.get('train_args') or preset_training(made.get('preset', 'toy'))}")
         for name, t in numbers["summary"].items():
             label = f"{folder.name}, {name.replace('human_', '')} human"
             table[label] = dict(t, passes=[passes(folder, seeds, name, i) for i in range(len(t["mean"]))])
@@ -270,7 +278,11 @@ def main(args):
     write_results(args.out, "long", dict(summary=table, per_seed=per_seed, wall_seconds=seconds),
                   markdown(table, per_seed, args.tolerance),
                   lambda path: plot({f"{n.replace('human_', '')} human": t for n, t in table.items()}, path,
-                                    f"toy world: SAIL over {args.iterations} iterations by share of human pairs (mean ± sd over seeds)"))
+                                    f"toy world: SAIL over {last_done(table)} iterations by share of human pairs (mean ± sd over seeds)"))
+
+
+def last_done(table):
+    return max(i for t in table.values() for i, stat in enumerate(t["mean"]) if stat)
 
 
 def build_parser():
