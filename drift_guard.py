@@ -49,19 +49,25 @@ def best_iteration(accuracies, tolerance):
     return max(it for it, acc in accuracies.items() if top - acc <= max(tolerance, 0.0))
 
 
+def fell_below_best(accuracies, iteration, tolerance):
+    """GUARD=stop's rule: iteration's accuracy more than tolerance below the highest up to it."""
+    return max(acc for it, acc in accuracies.items() if it <= iteration) - accuracies[iteration] > tolerance
+
+
 def main(args):
     guard_dir = Path(args.run) / "eval" / "guard"
     run_files.setup_logging(guard_dir, "drift_guard")
     found = read_accuracies(guard_dir, args.iter)
-    best = best_iteration({it: acc for it, (acc, _) in found.items()}, args.tolerance)
-    fell = max(acc for acc, _ in found.values()) - found[args.iter][0]
-    stop = args.stop and args.iter > 0 and fell > args.tolerance
+    accuracies = {it: acc for it, (acc, _) in found.items()}
+    best = best_iteration(accuracies, args.tolerance)
+    stop = args.stop and args.iter > 0 and fell_below_best(accuracies, args.iter, args.tolerance)
     row = ", ".join(f"{run_files.iteration_name(it)} {acc:.3f}" for it, (acc, _) in found.items())
     log.info("drift guard: self-reward accuracy on %d held-out human pairs: %s; best %s", found[args.iter][1], row,
              run_files.iteration_name(best))
     if stop:
         log.info("drift guard: %s is %.3f below the highest accuracy (tolerance %.3f): stopping here; use %s",
-                 run_files.iteration_name(args.iter), fell, args.tolerance, run_files.checkpoint_dir(args.run, best))
+                 run_files.iteration_name(args.iter), max(accuracies.values()) - accuracies[args.iter], args.tolerance,
+                 run_files.checkpoint_dir(args.run, best))
     run_files.write_json_atomic(guard_dir / "guard.json", dict(
         accuracy={run_files.iteration_name(it): acc for it, (acc, _) in found.items()}, pairs=found[args.iter][1],
         best=run_files.iteration_name(best), best_checkpoint=str(run_files.checkpoint_dir(args.run, best)),

@@ -146,8 +146,9 @@ def guard_choice(measures, tolerance):
     done = [i for i in range(len(acc)) if acc[i] is not None and score[i] is not None]
     if not done:
         return None
-    best = drift_guard.best_iteration({i: acc[i] for i in done}, tolerance)
-    stopped_after = next((i for i in done if max(acc[j] for j in done if j <= i) - acc[i] > tolerance), None)
+    accuracies = {i: acc[i] for i in done}
+    best = drift_guard.best_iteration(accuracies, tolerance)
+    stopped_after = next((i for i in done if drift_guard.fell_below_best(accuracies, i, tolerance)), None)
     end = done[-1] if stopped_after is None else stopped_after
     stop_keeps = drift_guard.best_iteration({i: acc[i] for i in done if i <= end}, tolerance)
     peak = max(done, key=lambda i: score[i])
