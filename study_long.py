@@ -100,8 +100,9 @@ def measure_run(folder, iterations):
     guard_file = folder / "eval" / "guard" / "guard.json"  # absent when the data has no held-out pairs
     guard = json.loads(guard_file.read_text())["accuracy"] if guard_file.is_file() else {}
     made_from = dict(iterations=iterations, report=report, guard=guard)
-    if cached.is_file() and json.loads(cached.read_text()).get("made_from") == made_from:
-        return json.loads(cached.read_text())["measures"]
+    previous = json.loads(cached.read_text()) if cached.is_file() else {}
+    if previous.get("made_from") == made_from:
+        return previous["measures"]
     names = [run_files.iteration_name(i) for i in range(iterations + 1)]
     out = {m: [] for m in MEASURES}
     for i, name in enumerate(names):
@@ -196,7 +197,9 @@ def markdown(table, per_seed, tolerance):
               "| human pairs | seed | oracle peak | guard's best after the run | GUARD=stop stops after, keeps | "
               "score given up: guard's best / GUARD=stop / last model |", "|---|---|---|---|---|---|"]
     for s in per_seed:
-        for name, g in filter(lambda item: item[1], s["guard"].items()):
+        for name, g in s["guard"].items():
+            if not g:
+                continue
             stop = "never" if g["stopped_after"] is None else g["stopped_after"]
             lines.append(f"| {name.replace('human_', '')} | {s['seed']} | {g['peak']} | {g['best']} | {stop}, {g['stop_keeps']} | "
                          f"{g['best_loss']:.3f} / {g['stop_loss']:.3f} / {g['last_loss']:.3f} |")
