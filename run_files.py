@@ -58,6 +58,13 @@ def setup_logging(out_dir, stage):
     root.setLevel(logging.INFO)
     for noisy in ("diffusers", "transformers", "accelerate", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("transformers.utils.import_utils").addFilter(_without_torchvision_fallback)
+
+
+def _without_torchvision_fallback(record):
+    """Drops transformers 5's warning that, without torchvision, diffusers' pipelines get the PIL
+    CLIPImageProcessor: the kit's scorers use that one anyway, so it is noise in every stage's log."""
+    return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def save_args(out_dir, stage, args, **extra):
