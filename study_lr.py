@@ -82,6 +82,7 @@ def run_seed(args, seed, cfg):
     run.mkdir(parents=True, exist_ok=True)
     sh = StageLog(run, f"seed {seed}", args.threads)
     data_args = f"--seed {seed} --n-pools {args.iterations} {cfg['data']}".split()
+    data_args += ["--rater-noise", str(args.rater_noise)] if args.rater_noise else []
     label_universe(sh, run, args.preset, data_args)
     for lr, steps in args.dpo:
         dpo_on_all_labels(sh, f"DPO on all labels, lr {lr:g}, {steps} steps", run, run / dpo_name(lr, steps) / "ckpt",
@@ -133,7 +134,8 @@ def markdown(args, table, per_seed):
     seeds = ", ".join(str(s["seed"]) for s in per_seed)
     lines = [f"## Learning rates: oracle score over data seeds {seeds} (mean ± sd over seeds, then each seed)", "",
              f"SAIL trains {per_seed[0]['sail_steps']} steps per iteration (iteration 0 included) at the row's lr; "
-             "caption following and taste are the oracle's two halves.", "",
+             "caption following and taste are the oracle's two halves."
+             + (f" Every label by the noisy rater at T = {args.rater_noise:g}." if args.rater_noise else ""), "",
              "| Model | lr | Steps | Oracle score | vs base | Win rate vs base | Caption following | Taste |",
              "|---|---|---|---|---|---|---|---|"]
     for key, label, lr, steps in rows(args):
@@ -201,6 +203,7 @@ def build_parser():
     p.add_argument("--dpo", type=dpo_setting, nargs="*",
                    default=[(lr, 300) for lr in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4)],
                    help="LR:STEPS of each DPO-on-all-labels run (default: lr 1e-6 ... 3e-4 at 300 steps)")
+    p.add_argument("--rater-noise", type=float, default=0.0, help="toy.py data --rater-noise: a noisy human (0: the oracle)")
     p.add_argument("--sail-lrs", type=float, nargs="*", default=[1e-6, 3e-6, 1e-5], help="lr of each SAIL run")
     add_study_flags(p)
     return p

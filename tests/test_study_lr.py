@@ -1,5 +1,6 @@
 """study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole sweep on tiny models."""
 import argparse
+import collections
 import json
 import subprocess
 import sys
@@ -52,6 +53,25 @@ def test_every_run_gets_its_lr_and_steps(tmp_path, monkeypatch):
     (sail,) = [c for c in calls if "run_all.sh" in c[1][1]]
     assert "--lr 3e-06" in sail[2]["TRAIN_ARGS"] and sail[2]["RUN"] == str(seed_dir / "sail_lr3e-06")
     assert "sail_lr3e-06/iter_02" in result["oracle"] and "dpo_lr3e-05_900" in result["oracle"]
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--rater-noise", "0.2"], "0.2")])
+def test_the_labels_come_from_the_chosen_rater(tmp_path, monkeypatch, flags, expected):
+    calls = []
+
+    def record(self, name, *cmd, extra_env=None):
+        calls.append([str(c) for c in cmd])
+        if "report" in cmd:
+            fake_report(Path(cmd[cmd.index("--run") + 1]), 0.0)
+
+    monkeypatch.setattr(sweep.StageLog, "__call__", record)
+    args = sweep.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "--dpo", "--sail-lrs", *flags])
+    args.out = tmp_path
+    sweep.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4))
+    (data,) = [c for c in calls if "--all-labels" in c]
+    assert (data[data.index("--rater-noise") + 1] if "--rater-noise" in data else None) == expected
+    table = collections.defaultdict(lambda: dict(mean=None))
+    assert ("noisy rater at T = 0.2" in sweep.markdown(args, table, [dict(seed=0, sail_steps=300)])) == bool(expected)
 
 
 def test_sail_runs_share_the_seed_data(tmp_path):
