@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-import drift_guard
 import run_files
+from study_long import guard_choice
 from study_toy import write_results
 from toy_world import choice_from_scores, oracle_score
 
@@ -108,12 +108,10 @@ def spot_check_keeps(run, spot_pairs, rule, limit, rng):
 
 
 def heldout_keeps(run, tolerance):
-    """What GUARD=stop keeps (drift_guard's rule on the held-out accuracies); None without a guard."""
-    acc = {i: a for i, a in run["heldout"].items() if i < len(run["scores"])}
-    if not acc:
-        return None
-    stopped = next((i for i in sorted(acc) if drift_guard.fell_below_best(acc, i, tolerance)), max(acc))
-    return drift_guard.best_iteration({i: a for i, a in acc.items() if i <= stopped}, tolerance)
+    """What GUARD=stop keeps (study_long.guard_choice: drift_guard's rule on the held-out accuracies); None without a guard."""
+    choice = guard_choice(dict(heldout_accuracy=[run["heldout"].get(i) for i in range(len(run["scores"]))],
+                               mean=run["scores"]), tolerance)
+    return choice and choice["stop_keeps"]
 
 
 def replay(run, args, index):
@@ -121,7 +119,7 @@ def replay(run, args, index):
     keeps = {}
     for m in args.spot_pairs:
         for rule, limit in spot_rules(args):
-            rng = np.random.default_rng([args.seed, index, m, round(1000 * limit)])
+            rng = np.random.default_rng([args.seed, index, m, int(rule == "drop"), round(1000 * limit)])
             keeps[spot_name(m, rule, limit)] = [spot_check_keeps(run, m, rule, limit, rng) for _ in range(args.draws)]
     last = len(run["scores"]) - 1
     keeps["last model"], keeps["iteration 2"] = [last], [min(2, last)]
