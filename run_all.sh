@@ -68,7 +68,7 @@ guard() {  # guard ITER: held-out human pairs scored by iteration ITER's own rew
 
 log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HUMAN_SHARE pairing $PAIRING"
 if (( T > 2 )) && awk "BEGIN { exit !($HUMAN_SHARE < 0.75) }"; then
-  log "note: in the toy's runs past 2 iterations only HUMAN_SHARE=0.75 kept improving (README, Longer runs)"
+  log "note: in the toy's runs past 2 iterations only HUMAN_SHARE=0.75 kept improving, to iteration 4-5 (README, Longer runs)"
 fi
 if [[ "$PRESET" == toy ]]; then
   stage "toy base model" $PY "$KIT/toy_base.py"  # built once (about 4 minutes), then found in $SAIL_CACHE
