@@ -5,6 +5,8 @@ Tune on the data seeds that tuned the toy world (0 and 1), then report the chose
 study's seeds (2, 3, 4), which no one tuned on:
     python study_lr.py --out runs/lr_tune --seeds 0 1 --jobs 2 --threads 1
     python study_lr.py --out runs/lr_study --seeds 2 3 4 --dpo 3e-5:300 --sail-lrs 1e-6 --jobs 2 --threads 1
+With the noisy human (every label by toy.py's rater at T = 0.2), DPO on all labels only:
+    python study_lr.py --out runs/noisy_lr --seeds 2 3 --rater-noise 0.2 --dpo 1e-4:100 1e-6:300 --sail-lrs --jobs 2 --threads 1
 The plumbing on tiny random-weight models, in a minute or two:
     python study_lr.py --out /tmp/lr --preset tiny-sd15 --quick --seeds 0 --dpo 1e-4:2 --sail-lrs 1e-4 --iterations 1
 
