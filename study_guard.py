@@ -23,7 +23,6 @@ Writes: <out>/guard.json (every run's choices per setting), guard.md (tables), g
 import argparse
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 import run_files
 from study_long import guard_choice
 from study_toy import write_results
-from toy_world import choice_from_scores, oracle_score
+from toy_world import choice_from_scores, oracle_score, rater_win_probability
 
 log = logging.getLogger("sail")
 
@@ -74,7 +73,7 @@ def human_agrees(score_w, score_l, rater_noise, tie_margin, rng):
     if oracle is None:
         return None
     if rater_noise > 0:
-        return bool(rng.random() < 1 / (1 + math.exp(-(score_w - score_l) / rater_noise)))
+        return bool(rng.random() < rater_win_probability(score_w, score_l, rater_noise))
     return oracle == 0
 
 
@@ -83,7 +82,7 @@ def agreement(run, i, human=True):
     the noisy rater's choices) or the oracle (human=False) prefers."""
     kept = [(w, l) for w, l in run["pairs"][i] if choice_from_scores(w, l, run["tie_margin"]) is not None]
     if human and run["rater_noise"] > 0:
-        return float(np.mean([1 / (1 + math.exp(-(w - l) / run["rater_noise"])) for w, l in kept]))
+        return float(np.mean([rater_win_probability(w, l, run["rater_noise"]) for w, l in kept]))
     return float(np.mean([w > l for w, l in kept]))
 
 

@@ -24,7 +24,8 @@ import numpy as np
 import run_files
 import sail_models as models
 from run_files import SailError
-from toy_world import all_captions, attribute_rates, choice_from_scores, oracle_details, oracle_score
+from toy_world import (all_captions, attribute_rates, choice_from_scores, oracle_details, oracle_score,
+                       rater_win_probability)
 
 log = logging.getLogger("sail")
 
@@ -66,7 +67,7 @@ def _label_pairs(slots, images, tie_margin, rater_noise=0.0, seed=0):
             continue
         if rater_noise > 0:
             u = np.random.default_rng(models.derive_seed(seed, "toy-rater", row["prompt_id"], j) % 2**32).random()
-            choice = 0 if u < 1 / (1 + math.exp(-(score_a - score_b) / rater_noise)) else 1
+            choice = 0 if u < rater_win_probability(score_a, score_b, rater_noise) else 1
         agree += choice == oracle_choice
         w, l = (img_a, img_b) if choice == 0 else (img_b, img_a)
         pairs.append(dict(prompt=row["prompt"], image_w=w[0], image_l=l[0], source="human", prompt_id=row["prompt_id"]))

@@ -275,6 +275,12 @@ def choice_from_scores(a, b, tie_margin=0.02):
     return 0 if a > b else 1
 
 
+def rater_win_probability(a, b, rater_noise):
+    """The noisy rater's chance of choosing the image scored a over the one scored b: Bradley-Terry
+    on the oracle's scores at temperature rater_noise (toy.py data --rater-noise)."""
+    return 1 / (1 + math.exp(-(a - b) / rater_noise))
+
+
 def found_attributes(details):
     """The object the oracle found, in the caption's words: colour, shape, size and position (None
     each where it found no object)."""
