@@ -54,8 +54,9 @@ def order_pairs(generations, seed):
 class Labelling:
     """The pairs, who holds which, and the judgements in force: the replay of judgements.jsonl, kept in step with it."""
 
-    def __init__(self, folder, seed, target, repair=True):
+    def __init__(self, folder, seed, target, repair=True, images=None):
         self.folder, self.target, self.lock = Path(folder), target, threading.Lock()
+        self.image_dir = Path(images) if images else self.folder / "images"  # the page asks for images/<name>
         generations = run_files.read_jsonl(self.folder / "generations.jsonl", required=("prompt_id", "prompt", "index", "image"))
         self.pairs = order_pairs(generations, seed)
         self.by_id = {p["id"]: p for p in self.pairs}
@@ -189,7 +190,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/":
             self.send(200, PAGE.replace("__NAME__", json.dumps(self.server.default_name)).encode(), "text/html; charset=utf-8")
         elif url.path.startswith("/images/") and url.path[8:] in state.images:
-            self.send(200, (state.folder / "images" / url.path[8:]).read_bytes(), "image/png")
+            self.send(200, (state.image_dir / url.path[8:]).read_bytes(), "image/png")
         elif url.path == "/api/status":
             with state.lock:
                 self.send(200, state.progress(parse_qs(url.query).get("name", [""])[0]))

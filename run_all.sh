@@ -21,6 +21,10 @@
 #   GUARD=report        with $RUN/val/pairs.jsonl (held-out human pairs): after each iteration the
 #                       model's self-reward accuracy on them (drift_guard.py); stop: also end the
 #                       loop when it falls below the best so far by more than GUARD_TOLERANCE=0.02; off: skip
+#   GUARD=spot          before each iteration trains, a human labels SPOT_PAIRS=32 of its self pairs on the
+#                       labelling page (the loop waits; SPOT_ARGS="--host 0.0.0.0 --port 8765"; in runs made
+#                       by toy.py data the toy's human answers); the loop ends when they agree with the self-reward
+#                       more than SPOT_DROP=0.15 less often than at iteration 1 (spot_check.py)
 set -euo pipefail
 
 PRESET=${1:?usage: bash run_all.sh PRESET ITERATIONS   (presets: toy sd15 sdxl tiny-sd15 tiny-sdxl)}
@@ -40,6 +44,9 @@ TRAIN_ARGS=${TRAIN_ARGS:-}
 EVAL=${EVAL:-1}
 GUARD=${GUARD:-report}
 GUARD_TOLERANCE=${GUARD_TOLERANCE:-0.02}
+SPOT_PAIRS=${SPOT_PAIRS:-32}
+SPOT_DROP=${SPOT_DROP:-0.15}
+SPOT_ARGS=${SPOT_ARGS:-}
 DATA_ARGS=${DATA_ARGS:-}  # extra flags for toy.py data (toy and tiny presets)
 LIMIT=()
 [[ -n "${PROMPTS:-}" ]] && LIMIT=(--limit "$PROMPTS")
@@ -63,6 +70,17 @@ guard() {  # guard ITER: held-out human pairs scored by iteration ITER's own rew
   $PY "$KIT/drift_guard.py" --run "$RUN" --iter "$1" --tolerance "$GUARD_TOLERANCE" $([[ "$GUARD" == stop ]] && echo --stop) \
     || status=$?
   [[ $status == 0 || $status == 3 ]] || exit "$status"
+  return "$status"
+}
+
+spot() {  # spot ITER: a human labels some of iteration ITER's self pairs before it trains; status 3 means stop
+  [[ "$GUARD" == spot ]] || return 0
+  local labeller=page status=0 start=$SECONDS
+  [[ -f "$RUN/toy_world.data.json" ]] && labeller=toy  # a run toy.py data made: the toy's human answers
+  $PY "$KIT/spot_check.py" --run "$RUN" --iter "$1" --pairs "$SPOT_PAIRS" --drop "$SPOT_DROP" --labeller "$labeller" \
+    $SPOT_ARGS || status=$?
+  [[ $status == 0 || $status == 3 ]] || exit "$status"
+  log "iter $1: spot check done in $((SECONDS - start)) s"
   return "$status"
 }
 
@@ -94,6 +112,10 @@ guard 0 || true
 for ((i = 1; i <= T; i++)); do
   stage "iter $i: 01 generate" $LAUNCH "$KIT/01_generate.py" --run "$RUN" --iter "$i" --num-candidates "$N" "${LIMIT[@]}"
   stage "iter $i: 02 self-reward" $LAUNCH "$KIT/02_self_reward.py" --run "$RUN" --iter "$i" --draws "$K" --pairing "$PAIRING"
+  if ! spot "$i"; then
+    log "spot check: stopped before iteration $i trains; keep $(printf "%s/iter_%02d/ckpt" "$RUN" $((i - 1))) (eval/spot/spot.json)"
+    break
+  fi
   stage "iter $i: 03 mixup" $PY "$KIT/03_mixup.py" --run "$RUN" --iter "$i" --human-share "$HUMAN_SHARE"
   stage "iter $i: 04 DPO" $LAUNCH "$KIT/04_train.py" --run "$RUN" --iter "$i" $TRAIN_ARGS
   if ! guard "$i"; then

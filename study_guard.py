@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 import run_files
+import spot_check
 from study_long import guard_choice
 from study_toy import write_results
-from toy_world import choice_from_scores, oracle_score, rater_win_probability
+from toy_world import choice_from_scores, oracle_score, rater_choice, rater_win_probability
 
 log = logging.getLogger("sail")
 
@@ -69,12 +70,8 @@ def load_run(run):
 def human_agrees(score_w, score_l, rater_noise, tie_margin, rng):
     """The run's human on one self pair: True if they prefer the self-reward's winner, None for a tie
     (toy.py's rater: ties by the oracle's tie margin dropped, then Bradley-Terry at rater_noise)."""
-    oracle = choice_from_scores(score_w, score_l, tie_margin)
-    if oracle is None:
-        return None
-    if rater_noise > 0:
-        return bool(rng.random() < rater_win_probability(score_w, score_l, rater_noise))
-    return oracle == 0
+    choice = rater_choice(score_w, score_l, tie_margin, rater_noise, rng.random)
+    return None if choice is None else choice == 0
 
 
 def agreement(run, i, human=True):
@@ -101,7 +98,7 @@ def spot_check_keeps(run, spot_pairs, rule, limit, rng):
             continue
         agreement = float(np.mean(answers))
         first = agreement if first is None else first
-        if (agreement < limit) if rule == "below" else (first - agreement > limit):
+        if spot_check.stops(first, agreement, **{"below" if rule == "below" else "drop": limit}):
             return i - 1
     return len(run["scores"]) - 1
 

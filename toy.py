@@ -24,8 +24,7 @@ import numpy as np
 import run_files
 import sail_models as models
 from run_files import SailError
-from toy_world import (all_captions, attribute_rates, choice_from_scores, oracle_details, oracle_score,
-                       rater_win_probability)
+from toy_world import all_captions, attribute_rates, choice_from_scores, oracle_details, oracle_score, rater_choice
 
 log = logging.getLogger("sail")
 
@@ -61,13 +60,12 @@ def _label_pairs(slots, images, tie_margin, rater_noise=0.0, seed=0):
     for row, j in slots:
         img_a, img_b = images[(row["prompt_id"], j, "a")], images[(row["prompt_id"], j, "b")]
         score_a, score_b = oracle_score(row["prompt"], img_a[1]), oracle_score(row["prompt"], img_b[1])
-        oracle_choice = choice = choice_from_scores(score_a, score_b, tie_margin)
-        if oracle_choice is None:
+        choice = rater_choice(score_a, score_b, tie_margin, rater_noise, np.random.default_rng(
+            models.derive_seed(seed, "toy-rater", row["prompt_id"], j) % 2**32).random)
+        if choice is None:
             ties += 1
             continue
-        if rater_noise > 0:
-            u = np.random.default_rng(models.derive_seed(seed, "toy-rater", row["prompt_id"], j) % 2**32).random()
-            choice = 0 if u < rater_win_probability(score_a, score_b, rater_noise) else 1
+        oracle_choice = choice_from_scores(score_a, score_b, tie_margin)
         agree += choice == oracle_choice
         w, l = (img_a, img_b) if choice == 0 else (img_b, img_a)
         pairs.append(dict(prompt=row["prompt"], image_w=w[0], image_l=l[0], source="human", prompt_id=row["prompt_id"]))

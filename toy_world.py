@@ -281,6 +281,16 @@ def rater_win_probability(a, b, rater_noise):
     return 1 / (1 + math.exp(-(a - b) / rater_noise))
 
 
+def rater_choice(a, b, tie_margin, rater_noise, uniform):
+    """The toy's human between images scored a and b: None for a tie (scores closer than tie_margin),
+    else 0 (the first) or 1: the oracle's choice, or at rater_noise > 0 the Bradley-Terry rater's,
+    drawn with uniform(), which is called only then."""
+    choice = choice_from_scores(a, b, tie_margin)
+    if choice is None or rater_noise <= 0:
+        return choice
+    return 0 if uniform() < rater_win_probability(a, b, rater_noise) else 1
+
+
 def found_attributes(details):
     """The object the oracle found, in the caption's words: colour, shape, size and position (None
     each where it found no object)."""

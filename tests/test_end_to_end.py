@@ -90,6 +90,21 @@ def test_drift_guard_reports_and_stops_the_loop(tmp_path):
     assert not seen & {(p["image_w"], p["image_l"]) for p in val}  # held out: never in the seed
 
 
+def test_spot_check_stops_the_loop_before_an_iteration_trains(tmp_path):
+    """GUARD=spot: after 02 of each iteration the toy's human labels SPOT_PAIRS self pairs; a drop of -1
+    stops at iteration 2 (any agreement is "more than -1 below" iteration 1's), before 03 and 04 run."""
+    run_dir = tmp_path / "run"
+    out = run_all(run_dir, "tiny-sd15", 2, GUARD="spot", SPOT_PAIRS="2", SPOT_DROP="-1", EVAL="0")
+    assert "iter 1: spot check done" in out and "iter 1: 04 DPO done" in out and "iter 2: 02 self-reward done" in out
+    assert "spot check: stopped before iteration 2 trains" in out and "iter 2: 03 mixup" not in out
+    assert (run_dir / "iter_01" / "ckpt" / "sail.json").is_file() and not (run_dir / "iter_02" / "ckpt").exists()
+    spot = json.loads((run_dir / "eval" / "spot" / "spot.json").read_text())
+    assert spot["stopped_before"] == "iter_02" and spot["keep"] == str(run_dir / "iter_01" / "ckpt")
+    for it in ("iter_01", "iter_02"):
+        judged = run_files.read_jsonl(run_dir / "eval" / "spot" / it / "judgements.jsonl")
+        assert len(judged) == 2 and {j["labeller"] for j in judged} == {"toy-rater"}
+
+
 @pytest.mark.slow
 def test_tiny_sdxl_trains_the_same_weights_whatever_sampler_it_ships(tmp_path):
     """`run_all.sh tiny-sdxl 1` on the config-faithful tiny SDXL (EulerDiscreteScheduler, as released)

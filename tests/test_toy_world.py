@@ -175,6 +175,20 @@ def test_noisy_rater_is_bradley_terry_on_the_oracle_and_one_label_per_slot(monke
     assert other != noisy
 
 
+def test_rater_choice_draws_only_for_a_noisy_non_tie():
+    """The toy's human (toy.py's labels, spot_check.py's toy labeller, study_guard.py's replay)."""
+    calls = []
+
+    def uniform():
+        calls.append(1)
+        return 0.99
+
+    assert tw.rater_choice(0.50, 0.49, 0.02, 0.1, uniform) is None
+    assert tw.rater_choice(0.3, 0.6, 0.02, 0.0, uniform) == 1 and calls == []
+    assert tw.rater_choice(0.6, 0.3, 0.02, 0.1, uniform) == 1  # sigmoid(3) = 0.953 < 0.99: an upset
+    assert tw.rater_choice(0.6, 0.3, 0.02, 0.1, lambda: 0.9) == 0 and calls == [1]
+
+
 def test_split_refuses_a_world_too_small():
     with pytest.raises(SailError, match="no prompts"):
         toy.split_prompts(0, n_pools=3, pool_size=300, n_eval=64)
