@@ -88,6 +88,9 @@ log "preset $PRESET, $T iteration(s), run folder $RUN, N=$N K=$K human share $HU
 if (( T > 2 )) && awk "BEGIN { exit !($HUMAN_SHARE < 0.75) }"; then
   log "note: in the toy's runs past 2 iterations only HUMAN_SHARE=0.75 kept improving, to iteration 4-5 (README, Longer runs)"
 fi
+if (( T > 2 )) && [[ "$GUARD" != spot ]]; then
+  log "note: GUARD=spot stops the loop when the self-labelled pairs drift from human taste (README, The drift guard)"
+fi
 if [[ "$PRESET" == toy ]]; then
   stage "toy base model" $PY "$KIT/toy_base.py"  # built once (about 4 minutes), then found in $SAIL_CACHE
 fi

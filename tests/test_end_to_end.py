@@ -182,3 +182,4 @@ def test_long_runs_with_few_human_pairs_get_a_note(tmp_path, iterations, share, 
                           env={**os.environ, "RUN": str(tmp_path), "HUMAN_SHARE": share}, timeout=60)
     assert done.returncode == 2 and "seed/pairs.jsonl not found" in done.stderr
     assert ("only HUMAN_SHARE=0.75 kept improving" in done.stdout) == noted
+    assert ("GUARD=spot stops the loop" in done.stdout) == (iterations > 2)
