@@ -74,6 +74,17 @@ class Client:
         self.server.server_close()
 
 
+def start_page(command, banner):
+    """A server process started with command, and a Client for the address it prints on the line starting with banner."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(banner):
+            client = Client.__new__(Client)
+            client.url = next(word for word in line.split() if word.startswith("http://")).split("/?")[0]
+            return proc, client
+    raise AssertionError(f"no address printed; exit status {proc.wait()}")
+
+
 def judgement_lines(folder):
     path = folder / "judgements.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -215,23 +226,14 @@ def test_killed_server_continues(run):
     command = [sys.executable, str(ROOT / "label.py"), "--run", str(run.run), "--prompts", str(run.prompts), "--preset",
                "tiny-sd15", "--label-prompts", "3", "--candidates", "3", "--pool-sizes", "4,5", "--port", "0"]
 
-    def start():
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            if line.startswith("labelling page: "):
-                client = Client.__new__(Client)
-                client.url = line.split()[2].split("/?")[0]
-                return proc, client
-        raise AssertionError(f"no address printed; exit status {proc.wait()}")
-
-    proc, client = start()
+    proc, client = start_page(command, "labelling page: ")
     try:
         answer = client.post("/api/next", {"name": "dora"})[1]
         first = client.post("/api/judge", {"name": "dora", "pair": answer["pair"]["id"], "choice": "b"})[1]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    proc, client = start()
+    proc, client = start_page(command, "labelling page: ")
     try:
         again = client.post("/api/next", {"name": "dora"})[1]
         assert again["progress"]["done"] == 1 and again["pair"]["id"] not in (answer["pair"]["id"], None)

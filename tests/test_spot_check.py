@@ -4,7 +4,6 @@ human over HTTP; the rule it applies is the one study_guard.py replays."""
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import urllib.request
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_stage
 from PIL import Image
-from test_label import Client
+from test_label import start_page
 
 import run_files
 import spot_check
@@ -141,22 +140,13 @@ def test_the_page_waits_for_the_human_and_continues_after_a_kill(tmp_path):
     command = [sys.executable, str(ROOT / "spot_check.py"), "--run", str(run), "--iter", "2", "--pairs", "0",
                "--port", "0"]
 
-    def start():
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            if line.startswith("spot check page: "):
-                client = Client.__new__(Client)
-                client.url = line.split()[3].split("/?")[0]
-                return proc, client
-        raise AssertionError(f"no address printed; exit status {proc.wait()}")
-
     def judge(client, answer):
         pair = answer["pair"]
         a, b = (toy_world.oracle_score(pair["prompt"], Image.open(run / "iter_02" / pair[side])) for side in ("image_a", "image_b"))
         choice = "tie" if pair["prompt_id"] == "p0" else "a" if a > b else "b"
         return client.post("/api/judge", {"name": "dora", "pair": pair["id"], "choice": choice})[1]
 
-    proc, client = start()
+    proc, client = start_page(command, "spot check page: ")
     try:
         answer = client.post("/api/next", {"name": "dora"})[1]
         served = urllib.request.urlopen(client.url + "/" + answer["pair"]["image_a"]).read()
@@ -165,7 +155,7 @@ def test_the_page_waits_for_the_human_and_continues_after_a_kill(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    proc, client = start()
+    proc, client = start_page(command, "spot check page: ")
     answer = client.post("/api/next", {"name": "dora"})[1]
     assert answer["progress"]["done"] == 2
     while answer["pair"]:
