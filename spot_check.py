@@ -150,6 +150,7 @@ def label(args, folder, iter_dir):
                                  f"delete {folder} to label anew")
         if done.is_file():
             return json.loads(done.read_text())
+        run_files.save_args(folder, "spot", args)
         prepare(args, folder, iter_dir)
         labelling = Labelling(folder, args.seed, len(run_files.read_jsonl(folder / "generations.jsonl")) // 2,
                               images=iter_dir / "images")
@@ -172,7 +173,6 @@ def main(args):
     if not (folder / "agreement.json").is_file() and (run_files.checkpoint_dir(args.run, args.iter) / "sail.json").is_file():
         log.info("%s trained already without a spot check: nothing to check", iter_dir)
         return 0
-    run_files.save_args(folder, "spot", args)
     label(args, folder, iter_dir)
     return apply_rule(spot_dir, args)
 

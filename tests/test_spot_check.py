@@ -120,8 +120,11 @@ def test_settings_trained_iterations_and_bad_pairs(tmp_path):
     run = fake_run(tmp_path / "run")
     check(run, 1, "--pairs", "4")
     assert check(run, 1, "--pairs", "4") == 0  # finished: found, not labelled again
-    with pytest.raises(run_files.SailError, match=r"plan.json|pairs = 4"):
+    args_file = run / "eval" / "spot" / "iter_01" / "spot.args.json"
+    before = args_file.read_text()
+    with pytest.raises(run_files.SailError, match=r"pairs = 4.*pairs = 6"):
         check(run, 1, "--pairs", "6")
+    assert args_file.read_text() == before  # the refused arguments are not written
     (run / "iter_02" / "ckpt").mkdir()
     (run / "iter_02" / "ckpt" / "sail.json").write_text("{}")
     assert check(run, 2) == 0 and not (run / "eval" / "spot" / "iter_02" / "judgements.jsonl").exists()
