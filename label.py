@@ -163,10 +163,7 @@ def main(args):
     run_files.setup_logging(folder, "label")
     with run_files.folder_lock(folder, "label server"):
         labelling = Labelling(folder, args.seed, args.target)
-        try:
-            server = make_server(labelling, args.host, args.port, args.name)
-        except OSError as err:
-            raise SailError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port") from None
+        server = make_server(labelling, args.host, args.port, args.name)
         host, port = server.server_address[:2]
         log.info("%d pairs of %d prompts, %d judged so far", len(labelling.pairs), args.label_prompts, len(labelling.judged))
         print(f"labelling page: http://{host}:{port}/?name={args.name}  (Ctrl-C stops; then --finish)", flush=True)

@@ -230,6 +230,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(labelling, host, port, default_name="labeller"):
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:
+        raise SailError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port") from None
     server.labelling, server.default_name = labelling, default_name
     return server

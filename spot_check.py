@@ -105,10 +105,7 @@ def toy_answers(labelling, run, seed, iteration):
 
 def serve(labelling, args):
     """The labelling page until every pair has a judgement in force; Ctrl-C stops it (the judgements are kept)."""
-    try:
-        server = make_server(labelling, args.host, args.port, args.name)
-    except OSError as err:
-        raise SailError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port") from None
+    server = make_server(labelling, args.host, args.port, args.name)
     host, port = server.server_address[:2]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"spot check page: http://{host}:{port}/?name={args.name}  ({len(labelling.pairs)} pairs; the loop waits "
