@@ -17,7 +17,7 @@ Writes: runs/<run>/iter_00/ckpt/ (unet/, sail.json, train_log.jsonl), iter_00/tr
 """
 import importlib
 
-import run_files
+from sail import common
 
 train = importlib.import_module("04_train")  # a stage file: its name starts with a digit
 
@@ -34,4 +34,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_files.run_stage(main, build_parser().parse_args())
+    common.run_stage(main, build_parser().parse_args())

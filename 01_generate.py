@@ -24,8 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-import run_files
-import sail_models as models
+from sail import common, files, generation, models, settings
 
 log = logging.getLogger("sail")
 PRESET_KEYS = ("sampler", "steps", "cfg", "resolution", "mixed_precision", "gen_batch")
@@ -53,11 +52,11 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        args.ckpt = args.ckpt or str(run_files.checkpoint_dir(args.run, args.iter - 1))
-        args.pool = args.pool or run_files.pool_path(args.run, args.iter)
-        args.out = args.out or run_files.iteration_dir(args.run, args.iter)
+        args.ckpt = args.ckpt or str(files.checkpoint_dir(args.run, args.iter - 1))
+        args.pool = args.pool or files.pool_path(args.run, args.iter)
+        args.out = args.out or files.iteration_dir(args.run, args.iter)
     if not (args.ckpt and args.pool and args.out):
-        raise run_files.SailError("give --run and --iter, or all of --ckpt, --pool and --out")
+        raise common.SailError("give --run and --iter, or all of --ckpt, --pool and --out")
     return args
 
 
@@ -66,37 +65,37 @@ def main(args):
     args = resolve_paths(args)
     out = Path(args.out)
     if state.is_main_process:
-        run_files.setup_logging(out, "generate")
+        common.setup_logging(out, "generate")
     finished = out / "generations.jsonl"
     if finished.exists():
         log.info("%s exists; skipping generation (delete it to generate again)", finished)
         return
     desc = models.describe_model(args.ckpt)
-    preset = models.get_preset(desc.preset or "sd15")
-    models.fill_defaults(args, preset, PRESET_KEYS)
+    preset = settings.get_preset(desc.preset or "sd15")
+    settings.fill_defaults(args, preset, PRESET_KEYS)
     if args.run is not None:
-        run_files.check_pools_disjoint(args.run)
-    prompts = run_files.read_prompts(args.pool)[: args.limit]
+        files.check_pools_disjoint(args.run)
+    prompts = files.read_prompts(args.pool)[: args.limit]
     jobs = []
     for row in prompts:
         for k in range(args.num_candidates):
             jobs.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
-                             seed=models.derive_seed(args.seed, row["prompt_id"], k),
-                             image=f"images/{run_files.image_name(row['prompt_id'], k)}"))
+                             seed=common.derive_seed(args.seed, row["prompt_id"], k),
+                             image=f"images/{files.image_name(row['prompt_id'], k)}"))
     if state.is_main_process:  # what decides an image; not --gen-batch (round-off of a grey level at most)
-        run_files.check_settings(out / "generate.settings.json", dict(
+        files.check_settings(out / "generate.settings.json", dict(
             model=models.model_setting(args.ckpt, out),
-            pool=run_files.relative_to(args.pool, out), sampler=args.sampler,
+            pool=files.relative_to(args.pool, out), sampler=args.sampler,
             steps=args.steps, cfg=args.cfg, resolution=args.resolution, mixed_precision=args.mixed_precision,
             seed=args.seed), f"delete {out / 'images'} and {out / 'generate.settings.json'} to generate anew")
-        run_files.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
+        files.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
     state.wait_for_everyone()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if not run_files.image_is_complete(out / j["image"])]
+    todo = [j for j in jobs if not files.image_is_complete(out / j["image"])]
     # whole batches go to processes, so every image is made in the same batch as in one process
     batches = [todo[b:b + args.gen_batch] for b in range(0, len(todo), args.gen_batch)][state.process_index::state.num_processes]
     mine = [j for batch in batches for j in batch]
-    run_files.check_free_space(out, len(todo) * args.resolution ** 2 * 3 // 2, f"{len(todo)} PNG images")  # PNG ~ half of raw
+    files.check_free_space(out, len(todo) * args.resolution ** 2 * 3 // 2, f"{len(todo)} PNG images")  # PNG ~ half of raw
     log.info("%d prompts x %d candidates from %s: %d images to make (%d there already) | %s %d steps cfg %g %dpx",
              len(prompts), args.num_candidates, args.ckpt, len(todo), len(jobs) - len(todo), args.sampler, args.steps,
              args.cfg, args.resolution)
@@ -106,27 +105,27 @@ def main(args):
         pipe = models.load_pipeline(desc, state.device, dtype, sampler=args.sampler)
         pipe.unet = models.speed_up(pipe.unet, args.compile, args.fuse_qkv, args.channels_last)
         start = time.time()
-        for first, images in models.draw_images(pipe, [j["prompt"] for j in mine], [j["seed"] for j in mine], args.steps,
+        for first, images in generation.draw_images(pipe, [j["prompt"] for j in mine], [j["seed"] for j in mine], args.steps,
                                                 args.cfg, args.resolution, args.gen_batch, f"generate[{state.process_index}]"):
             for job, image in zip(mine[first:], images):
-                run_files.save_image_atomic(image, out / job["image"])
-        timing = run_files.save_timing(out, f"generate.{state.process_index}", len(mine), "images", time.time() - start)
+                files.save_image_atomic(image, out / job["image"])
+        timing = files.save_timing(out, f"generate.{state.process_index}", len(mine), "images", time.time() - start)
         log.info("made %d images in %.1f s (%.2f images/s)", len(mine), timing["seconds"], timing["rate"])
 
     state.wait_for_everyone()
     if state.is_main_process:
         missing = [j["image"] for j in jobs if not (out / j["image"]).is_file()]
         if missing:
-            raise run_files.SailError(f"{len(missing)} images missing after generation, e.g. {out / missing[0]}")
-        run_files.write_jsonl_atomic(finished, jobs)
+            raise common.SailError(f"{len(missing)} images missing after generation, e.g. {out / missing[0]}")
+        files.write_jsonl_atomic(finished, jobs)
         log.info("wrote %s (%d images)", finished, len(jobs))
 
 
 def locked_main(args):
     args = resolve_paths(args)
-    with run_files.folder_lock(args.out, "generate"):
+    with files.folder_lock(args.out, "generate"):
         main(args)
 
 
 if __name__ == "__main__":
-    run_files.run_stage(locked_main, build_parser().parse_args())
+    common.run_stage(locked_main, build_parser().parse_args())

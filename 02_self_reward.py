@@ -42,9 +42,7 @@ from pathlib import Path
 
 import torch
 
-import dpo_maths
-import run_files
-import sail_models as models
+from sail import batches, common, dpo, files, models, self_reward, settings
 
 log = logging.getLogger("sail")
 
@@ -56,10 +54,10 @@ def build_parser():
     p.add_argument("--ckpt", help="the current model: checkpoint folder")
     p.add_argument("--ref", default="base", help="reference model: 'base' (the checkpoint's base model) or a model")
     p.add_argument("--dir", type=Path, help="iteration folder holding generations.jsonl")
-    p.add_argument("--beta", type=float, default=dpo_maths.BETA)
+    p.add_argument("--beta", type=float, default=dpo.BETA)
     p.add_argument("--draws", type=int, default=10, help="K random (t, noise) draws per image (paper: 10)")
     p.add_argument("--no-common-draws", action="store_true", help="independent draws per image")
-    p.add_argument("--draw-scheme", choices=dpo_maths.DRAW_SCHEMES, default="iid",
+    p.add_argument("--draw-scheme", choices=self_reward.DRAW_SCHEMES, default="iid",
                    help="iid (the paper's), stratified timesteps, antithetic noise (eps, -eps) or both")
     p.add_argument("--pairing", choices=["best-worst", "random"], default="best-worst")
     p.add_argument("--min-p", type=float, default=0.0, help="drop pairs with sigmoid(r_w - r_l) below this")
@@ -72,10 +70,10 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        args.ckpt = args.ckpt or str(run_files.checkpoint_dir(args.run, args.iter - 1))
-        args.dir = args.dir or run_files.iteration_dir(args.run, args.iter)
+        args.ckpt = args.ckpt or str(files.checkpoint_dir(args.run, args.iter - 1))
+        args.dir = args.dir or files.iteration_dir(args.run, args.iter)
     if not (args.ckpt and args.dir):
-        raise run_files.SailError("give --run and --iter, or both --ckpt and --dir")
+        raise common.SailError("give --run and --iter, or both --ckpt and --dir")
     return args
 
 
@@ -83,10 +81,10 @@ def read_finished(folder, per_prompt):
     """Rows of prompts whose every candidate was scored by an earlier, killed run."""
     rows = []
     for part in sorted(folder.glob("rewards.partial.*.jsonl")):
-        rows += run_files.read_jsonl(part, allow_truncated_tail=True)
+        rows += files.read_jsonl(part, allow_truncated_tail=True)
     by_prompt = {}
     for row in rows:
-        by_prompt.setdefault(row["prompt_id"], {})[row["index"]] = run_files.strip_private(row)
+        by_prompt.setdefault(row["prompt_id"], {})[row["index"]] = files.strip_private(row)
     return {pid: r for pid, r in by_prompt.items() if len(r) == per_prompt.get(pid, -1)}
 
 
@@ -97,7 +95,7 @@ def choose_pair(pid, group, pairing, seed, tolerance=0.0, same_image=lambda a, b
         ranked = sorted(group, key=lambda r: (r["reward"], -r["index"]))
         low, high = ranked[0], ranked[-1]
     else:
-        a, b = random.Random(models.derive_seed(seed, "pair", pid)).sample(group, 2)
+        a, b = random.Random(common.derive_seed(seed, "pair", pid)).sample(group, 2)
         low, high = sorted((a, b), key=lambda r: r["reward"])
     if high["reward"] - low["reward"] <= tolerance or same_image(high, low):
         return None
@@ -119,26 +117,26 @@ def main(args):
     args = resolve_paths(args)
     folder = Path(args.dir)
     if state.is_main_process:
-        run_files.setup_logging(folder, "self_reward")
+        common.setup_logging(folder, "self_reward")
     if (folder / "pairs.jsonl").exists():
         log.info("%s exists; skipping (delete it and rewards.jsonl to score again)", folder / "pairs.jsonl")
         return
     desc = models.describe_model(args.ckpt)
-    preset = models.get_preset(desc.preset or "sd15")
-    models.fill_defaults(args, preset, ("reward_batch", "mixed_precision"))
+    preset = settings.get_preset(desc.preset or "sd15")
+    settings.fill_defaults(args, preset, ("reward_batch", "mixed_precision"))
     ref_desc = dataclasses.replace(desc, unet=None, ckpt=None) if args.ref == "base" else models.describe_model(args.ref)
     gen_file = folder / "generations.jsonl"
-    gens = run_files.read_jsonl(gen_file, required=("prompt_id", "prompt", "index", "image"),
+    gens = files.read_jsonl(gen_file, required=("prompt_id", "prompt", "index", "image"),
                          types={"prompt_id": str, "prompt": str, "index": int, "image": str})
     groups = {}
     for row in gens:
         groups.setdefault(row["prompt_id"], []).append(row)
     small = [pid for pid, g in groups.items() if len(g) < 2]
     if small:
-        raise run_files.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
+        raise common.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
     per_prompt = {pid: len(g) for pid, g in groups.items()}
     if state.is_main_process:  # what decides a reward; not --reward-batch (float round-off at most)
-        run_files.check_settings(folder / "self_reward.settings.json", dict(
+        files.check_settings(folder / "self_reward.settings.json", dict(
             model=models.model_setting(args.ckpt, folder), reference=models.model_setting(args.ref, folder),
             draws=args.draws, common_draws=not args.no_common_draws, beta=args.beta, seed=args.seed,
             mixed_precision=args.mixed_precision,
@@ -150,12 +148,12 @@ def main(args):
         for part in folder.glob("rewards.partial.*.jsonl"):
             part.unlink()
         if finished:
-            run_files.write_jsonl_atomic(folder / "rewards.partial.0.jsonl", [row for rows in finished.values() for row in rows.values()])
+            files.write_jsonl_atomic(folder / "rewards.partial.0.jsonl", [row for rows in finished.values() for row in rows.values()])
     state.wait_for_everyone()
     finished = read_finished(folder, per_prompt)
     todo = [pid for pid in groups if pid not in finished][state.process_index::state.num_processes]
     if state.is_main_process:
-        run_files.save_args(folder, "self_reward", args, model=desc, reference=ref_desc, num_processes=state.num_processes)
+        files.save_args(folder, "self_reward", args, model=desc, reference=ref_desc, num_processes=state.num_processes)
     log.info("self-reward of %d images (%d prompts, %d scored already) | model %s vs reference %s | K=%d %s %s draws, beta %g",
              len(gens), len(groups), len(finished), args.ckpt, ref_desc.unet or ref_desc.base_model, args.draws,
              "independent" if args.no_common_draws else "common", args.draw_scheme, args.beta)
@@ -170,17 +168,17 @@ def main(args):
         resolution = preset["resolution"]
         start = time.time()
         with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:
-            for pid in run_files.progress(todo, desc="self-reward"):
+            for pid in common.progress(todo, desc="self-reward"):
                 group = groups[pid]
-                images = [run_files.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
-                latents = dpo_maths.encode_images(pipe.vae, images, device).to(dtype)
-                cond = dpo_maths.encode_prompts(pipe, [group[0]["prompt"]], device)
-                reward, se = dpo_maths.self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws, args.beta,
-                                                    seed=models.derive_seed(args.seed, "draws", pid),
+                images = [files.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
+                latents = batches.encode_images(pipe.vae, images, device).to(dtype)
+                cond = batches.encode_prompts(pipe, [group[0]["prompt"]], device)
+                reward, se = self_reward.self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws, args.beta,
+                                                    seed=common.derive_seed(args.seed, "draws", pid),
                                                     common_draws=not args.no_common_draws, batch_size=args.reward_batch,
                                                     scheme=args.draw_scheme)
                 if not torch.isfinite(reward).all():
-                    raise run_files.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
+                    raise common.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
                                        f"check the checkpoint {args.ckpt} (NaN weights?) or use --mixed-precision no")
                 lines = [dict(prompt_id=pid, prompt=r["prompt"], index=r["index"], image=r["image"],
                               reward=reward[i].item(), reward_se=se[i].item(), draws=args.draws)
@@ -188,7 +186,7 @@ def main(args):
                 partial.write("".join(json.dumps(x) + "\n" for x in lines))
                 partial.flush()
         n_images = sum(len(groups[p]) for p in todo)
-        timing = run_files.save_timing(folder, f"self_reward.{state.process_index}", n_images, "images", time.time() - start)
+        timing = files.save_timing(folder, f"self_reward.{state.process_index}", n_images, "images", time.time() - start)
         log.info("scored %d images in %.1f s (%.2f rewards/s, %d UNet passes each)", n_images, timing["seconds"],
                  timing["rate"], 2 * args.draws)
 
@@ -198,7 +196,7 @@ def main(args):
     scored = read_finished(folder, per_prompt)
     missing = [pid for pid in groups if pid not in scored]
     if missing:
-        raise run_files.SailError(f"{len(missing)} prompts were not scored, e.g. '{missing[0]}'")
+        raise common.SailError(f"{len(missing)} prompts were not scored, e.g. '{missing[0]}'")
     rewards = [scored[r["prompt_id"]][r["index"]] for r in gens]
     pairs, ties, filtered = [], 0, 0
     for pid, group in groups.items():
@@ -215,10 +213,10 @@ def main(args):
         pairs.append(dict(prompt=win["prompt"], prompt_id=pid, image_w=win["image"], image_l=lose["image"], source="self",
                           p=round(p, 6), reward_w=win["reward"], reward_l=lose["reward"]))
     if not pairs:
-        raise run_files.SailError(f"no pair could be formed from {gen_file}: all {ties} prompts tie (a model equal to its "
+        raise common.SailError(f"no pair could be formed from {gen_file}: all {ties} prompts tie (a model equal to its "
                            f"reference gives reward 0 to every image; train iteration 0 first) or fail --min-p")
-    run_files.write_jsonl_atomic(folder / "rewards.jsonl", rewards)
-    run_files.write_jsonl_atomic(folder / "pairs.jsonl", pairs)
+    files.write_jsonl_atomic(folder / "rewards.jsonl", rewards)
+    files.write_jsonl_atomic(folder / "pairs.jsonl", pairs)
     for part in folder.glob("rewards.partial.*.jsonl"):
         part.unlink()
     mean_se = sum(r["reward_se"] for r in rewards) / len(rewards)
@@ -229,9 +227,9 @@ def main(args):
 
 def locked_main(args):
     args = resolve_paths(args)
-    with run_files.folder_lock(args.dir, "self_reward"):
+    with files.folder_lock(args.dir, "self_reward"):
         main(args)
 
 
 if __name__ == "__main__":
-    run_files.run_stage(locked_main, build_parser().parse_args())
+    common.run_stage(locked_main, build_parser().parse_args())

@@ -29,8 +29,7 @@ import logging
 import random
 from pathlib import Path
 
-import run_files
-import sail_models as models
+from sail import common, files
 
 log = logging.getLogger("sail")
 
@@ -50,14 +49,14 @@ def build_parser():
 
 def resolve_paths(args):
     if args.run is not None and args.iter is not None:
-        folder = run_files.iteration_dir(args.run, args.iter)
+        folder = files.iteration_dir(args.run, args.iter)
         args.self_pairs = args.self_pairs or folder / "pairs.jsonl"
-        args.human_pairs = args.human_pairs or run_files.seed_pairs_path(args.run)
+        args.human_pairs = args.human_pairs or files.seed_pairs_path(args.run)
         args.out = args.out or folder / "train_pairs.jsonl"
     if not (args.self_pairs and args.out and (args.human_pairs or args.human_share == 0)):
-        raise run_files.SailError("give --run and --iter, or --self-pairs, --human-pairs and --out")
+        raise common.SailError("give --run and --iter, or --self-pairs, --human-pairs and --out")
     if not 0 <= args.human_share < 1:
-        raise run_files.SailError(f"--human-share must be in [0, 1), got {args.human_share}")
+        raise common.SailError(f"--human-share must be in [0, 1), got {args.human_share}")
     return args
 
 
@@ -80,24 +79,24 @@ def mix(self_rows, human_rows, human_share, max_self, seed):
 def main(args):
     args = resolve_paths(args)
     out = Path(args.out)
-    run_files.setup_logging(out.parent, "mixup")
+    common.setup_logging(out.parent, "mixup")
     if out.exists():
         log.info("%s exists; skipping (delete it to mix again)", out)
         return
-    self_rows = run_files.read_pairs(args.self_pairs)
-    human_rows = run_files.read_pairs(args.human_pairs) if args.human_share > 0 else []
+    self_rows = files.read_pairs(args.self_pairs)
+    human_rows = files.read_pairs(args.human_pairs) if args.human_share > 0 else []
     for rows, path in ((self_rows, args.self_pairs), (human_rows, args.human_pairs)):
         for row in rows:
-            row["origin"] = f"{run_files.relative_to(path, out.parent)}:{row['_line']}"
-    run_files.save_args(out.parent, "mixup", args)
-    mixed = mix(self_rows, human_rows, args.human_share, args.max_self, models.derive_seed(args.seed, "mixup", out.parent.name))
+            row["origin"] = f"{files.relative_to(path, out.parent)}:{row['_line']}"
+    files.save_args(out.parent, "mixup", args)
+    mixed = mix(self_rows, human_rows, args.human_share, args.max_self, common.derive_seed(args.seed, "mixup", out.parent.name))
     lines = []
     for row in mixed:
-        line = run_files.strip_private(row)
-        line["image_w"] = run_files.relative_to(row["_image_w"], out.parent)
-        line["image_l"] = run_files.relative_to(row["_image_l"], out.parent)
+        line = files.strip_private(row)
+        line["image_w"] = files.relative_to(row["_image_w"], out.parent)
+        line["image_l"] = files.relative_to(row["_image_l"], out.parent)
         lines.append(line)
-    run_files.write_jsonl_atomic(out, lines)
+    files.write_jsonl_atomic(out, lines)
     n_human = sum(r["source"] == "human" for r in lines)
     log.info("wrote %s: %d pairs, %d self + %d human (human share %.3f, asked %.3f)", out, len(lines), len(lines) - n_human,
              n_human, n_human / len(lines), args.human_share)
@@ -105,9 +104,9 @@ def main(args):
 
 def locked_main(args):
     args = resolve_paths(args)
-    with run_files.folder_lock(Path(args.out).parent, "mixup"):
+    with files.folder_lock(Path(args.out).parent, "mixup"):
         main(args)
 
 
 if __name__ == "__main__":
-    run_files.run_stage(locked_main, build_parser().parse_args())
+    common.run_stage(locked_main, build_parser().parse_args())

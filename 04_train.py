@@ -46,11 +46,9 @@ from types import SimpleNamespace
 
 import torch
 
-import dpo_maths
-import run_files
-import sail_models as models
-import train_tools as tools
-from lora import LORA_TARGETS, add_lora, lora_config, save_lora
+from sail import batches, common, dpo, files, models, optim, training, validation
+from sail.lora import LORA_TARGETS, add_lora, lora_config, save_lora
+from sail.settings import fill_defaults, get_preset
 
 log = logging.getLogger("sail")
 SETTING_NAMES = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
@@ -66,7 +64,7 @@ def build_parser():
     p.add_argument("--init", help="start and reference model: checkpoint folder, preset or pipeline")
     p.add_argument("--pairs", type=Path, help="pair file to train on")
     p.add_argument("--out", type=Path, help="checkpoint folder to write")
-    p.add_argument("--beta", type=float, default=dpo_maths.BETA)
+    p.add_argument("--beta", type=float, default=dpo.BETA)
     p.add_argument("--batch-size", type=int, help="effective batch in pairs (paper: 128)")
     p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process")
     p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
@@ -106,12 +104,12 @@ def resolve_paths(args):
     if args.run is not None and args.iter is not None:
         it = args.iter
         if it == 0 and not (args.init or args.preset):
-            raise run_files.SailError("iteration 0 starts from a base model: give --preset (or --init)")
-        args.init = args.init or (args.preset if it == 0 else str(run_files.checkpoint_dir(args.run, it - 1)))
-        args.pairs = args.pairs or (run_files.seed_pairs_path(args.run) if it == 0 else run_files.iteration_dir(args.run, it) / "train_pairs.jsonl")
-        args.out = args.out or run_files.checkpoint_dir(args.run, it)
+            raise common.SailError("iteration 0 starts from a base model: give --preset (or --init)")
+        args.init = args.init or (args.preset if it == 0 else str(files.checkpoint_dir(args.run, it - 1)))
+        args.pairs = args.pairs or (files.seed_pairs_path(args.run) if it == 0 else files.iteration_dir(args.run, it) / "train_pairs.jsonl")
+        args.out = args.out or files.checkpoint_dir(args.run, it)
     if not (args.init and args.pairs and args.out):
-        raise run_files.SailError("give --run and --iter, or all of --init, --pairs and --out")
+        raise common.SailError("give --run and --iter, or all of --init, --pairs and --out")
     return args
 
 
@@ -120,17 +118,17 @@ def training_settings(args, total_steps, folder):
     would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
     and round-off only), so a run killed for memory can resume with a smaller micro batch."""
     return dict({name: getattr(args, name) for name in SETTING_NAMES}, steps=total_steps,
-                init=models.model_setting(args.init, folder), pairs=run_files.relative_to(args.pairs, folder))
+                init=models.model_setting(args.init, folder), pairs=files.relative_to(args.pairs, folder))
 
 
 def main(args):
     args = resolve_paths(args)
     if Path(args.out).exists():
-        tools.check_finished_settings(args, [n for n in SETTING_NAMES if n != "no_flip"] + ["max_steps"])  # no_flip: preset's
+        training.check_finished_settings(args, [n for n in SETTING_NAMES if n != "no_flip"] + ["max_steps"])  # no_flip: preset's
         print(f"{args.out} is finished already; skipping (delete it to train again)")
         return
     job = setup(args)
-    for step in run_files.progress(range(job.start_step, job.total_steps), initial=job.start_step, total=job.total_steps,
+    for step in common.progress(range(job.start_step, job.total_steps), initial=job.start_step, total=job.total_steps,
                                    desc="train"):
         totals = train_step(job, step)
         log_and_save(job, step, totals)
@@ -140,33 +138,33 @@ def main(args):
 def setup(args):
     """Settle the arguments, read the pairs, load the models, and start afresh or resume: the job."""
     init = models.describe_model(args.init)
-    preset = models.get_preset(args.preset or init.preset or "sd15")
-    args.mixed_precision = args.mixed_precision or tools.mixed_precision_from_accelerate()
-    models.fill_defaults(args, preset, PRESET_KEYS)
+    preset = get_preset(args.preset or init.preset or "sd15")
+    args.mixed_precision = args.mixed_precision or training.mixed_precision_from_accelerate()
+    fill_defaults(args, preset, PRESET_KEYS)
     args.gradient_checkpointing = args.gradient_checkpointing or preset.get("gradient_checkpointing", False)
     args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
     args.lr = args.lr or args.lr_per_pair * args.batch_size
     if args.lora_rank < 0:
-        raise run_files.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
+        raise common.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
     args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
     if args.keep_states < 1:
-        raise run_files.SailError(f"--keep-states {args.keep_states}: keep at least 1")
+        raise common.SailError(f"--keep-states {args.keep_states}: keep at least 1")
     out = Path(args.out)
-    accelerator = tools.make_accelerator(args.mixed_precision, args.report_to, out.parent)
+    accelerator = training.make_accelerator(args.mixed_precision, args.report_to, out.parent)
     if accelerator.is_main_process:
-        run_files.setup_logging(out.parent, "train")
-    pairs = run_files.read_pairs(args.pairs)
+        common.setup_logging(out.parent, "train")
+    pairs = files.read_pairs(args.pairs)
     for i, row in enumerate(pairs):
         row["_index"], row["_file"] = i, str(args.pairs)
     per_process = args.batch_size // accelerator.num_processes
     if per_process * accelerator.num_processes != args.batch_size or per_process < 1:
-        raise run_files.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+        raise common.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     job = SimpleNamespace(args=args, init=init, preset=preset, accelerator=accelerator, device=accelerator.device, out=out,
                           pairs=pairs, partial=out.with_name(out.name + ".partial"),
-                          micro=tools.micro_batch(args.micro_batch or per_process, per_process),
+                          micro=training.micro_batch(args.micro_batch or per_process, per_process),
                           total_steps=args.max_steps or max(1, math.ceil(args.epochs * len(pairs) / args.batch_size)),
                           window=[], start_step=0)
-    tools.configure_accumulation(accelerator, per_process // job.micro, job.micro, args.max_grad_norm)
+    training.configure_accumulation(accelerator, per_process // job.micro, job.micro, args.max_grad_norm)
     load_models(job)
     resume_or_start(job)
     job.counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
@@ -176,13 +174,13 @@ def setup(args):
              accelerator.distributed_type.value, job.micro)
     job.order = []
     for epoch in range(math.ceil(job.total_steps * args.batch_size / len(pairs)) + 1):
-        seed = models.derive_seed(args.seed, "order", epoch)
+        seed = common.derive_seed(args.seed, "order", epoch)
         job.order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    uses = tools.future_uses(job.order, job.start_step, job.total_steps, args.batch_size, accelerator.process_index,
+    uses = batches.future_uses(job.order, job.start_step, job.total_steps, args.batch_size, accelerator.process_index,
                              accelerator.num_processes)
-    job.latent_cache = tools.LatentCache(uses, 0 if args.no_cache_latents else args.latent_cache_gb * 2**30)
-    tools.start_trackers(job)
-    tools.start_validation(job, resumed=job.start_step > 0)
+    job.latent_cache = batches.LatentCache(uses, 0 if args.no_cache_latents else args.latent_cache_gb * 2**30)
+    training.start_trackers(job)
+    validation.start_validation(job, resumed=job.start_step > 0)
     job.timer = job.loop_start = time.time()
     return job
 
@@ -196,7 +194,7 @@ def load_models(job):
     unet = models.load_unet(job.init, torch.float32)
     n_params = sum(p.numel() for p in unet.parameters())
     states = 3 * args.keep_states if args.save_every else 0  # each: the weights and AdamW's two moments
-    run_files.check_free_space(job.out.parent, n_params * 4 * (2 + states), "the checkpoint and resumable states")
+    files.check_free_space(job.out.parent, n_params * 4 * (2 + states), "the checkpoint and resumable states")
     if args.lora_rank:
         unet = add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed).to(device)
         job.ref_unet, job.ref_dtype = unet, torch.float32  # unwrapped, so switching its adapter off never goes through DDP
@@ -215,11 +213,11 @@ def load_models(job):
     models.speed_up(unet, args.compile, channels_last=args.channels_last)
     if not args.lora_rank:
         models.speed_up(job.ref_unet, args.compile, channels_last=args.channels_last)
-    optimizer = dpo_maths.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
+    optimizer = optim.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
                                          args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     job.unet, job.optimizer, job.schedule = job.accelerator.prepare(unet, optimizer, schedule)
-    job.noise_scheduler = dpo_maths.forward_process(pipe.scheduler)
+    job.noise_scheduler = dpo.forward_process(pipe.scheduler)
 
 
 def resume_or_start(job):
@@ -231,19 +229,19 @@ def resume_or_start(job):
     settings = training_settings(args, job.total_steps, job.out.parent)
     if (partial / "progress.json").is_file():
         if not (partial / "settings.json").is_file():
-            raise run_files.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
-        run_files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
-        job.start_step, state = tools.resume_state(partial)
+            raise common.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
+        files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        job.start_step, state = training.resume_state(partial)
         accelerator.load_state(str(state))
         if accelerator.is_main_process:
-            tools.trim_log(partial / "train_log.jsonl", job.start_step)
+            training.trim_log(partial / "train_log.jsonl", job.start_step)
         log.info("resuming from %s at step %d", partial, job.start_step)
     elif accelerator.is_main_process:
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "train_log.jsonl").write_text("")
-        run_files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
     if accelerator.is_main_process:
-        run_files.save_args(job.out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(job.pairs))
+        files.save_args(job.out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(job.pairs))
 
 
 def train_step(job, step):
@@ -257,23 +255,23 @@ def train_step(job, step):
     accelerator.step = 0  # this step's micro batches count from 0 whatever the micro batch of an earlier start
     for m in range(0, len(mine), job.micro):
         rows = mine[m:m + job.micro]
-        prompts = ["" if random.Random(models.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
+        prompts = ["" if random.Random(common.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
                    else r["prompt"] for r in rows]
-        latents = tools.pair_latents(job, rows)
+        latents = batches.pair_latents(job, rows)
         # noise and timestep depend on (step, pair) only: the same for any number of processes
-        gens = [torch.Generator().manual_seed(models.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
+        gens = [torch.Generator().manual_seed(common.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
         noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device)
         t = torch.cat([torch.randint(0, job.noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
-        cond = dpo_maths.encode_prompts(job.pipe, prompts, device)
-        with accelerator.accumulate(job.unet), tools.autocast(job):
-            result = dpo_maths.dpo_micro_batch(job.unet, job.ref_unet, job.noise_scheduler, latents, noise, t.to(device),
+        cond = batches.encode_prompts(job.pipe, prompts, device)
+        with accelerator.accumulate(job.unet), training.autocast(job):
+            result = dpo.dpo_micro_batch(job.unet, job.ref_unet, job.noise_scheduler, latents, noise, t.to(device),
                                                cond, args.resolution, args.beta, job.ref_dtype,
                                                lora_reference=bool(args.lora_rank))
             accelerator.backward(result.loss)  # divided by the number of micro batches
         stats.append([x.item() * len(rows) for x in result[:3]])
     finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
     if accelerator.reduce(finite, "min").item() < 1:
-        raise run_files.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
+        raise common.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
                                   f"no checkpoint written. Lower --lr or use --mixed-precision no/bf16")
     grad_norm = accelerator.clip_grad_norm_(job.unet.parameters(), args.max_grad_norm) if args.max_grad_norm else None
     job.optimizer.step()
@@ -293,7 +291,7 @@ def log_and_save(job, step, totals):
         rate = len(job.window) * args.batch_size / (time.time() - job.timer)
         row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
                    lr=job.schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
-        row.update({"grad_norm": round(mean[3], 5)} if math.isfinite(mean[3]) else {}, **run_files.peak_memory())
+        row.update({"grad_norm": round(mean[3], 5)} if math.isfinite(mean[3]) else {}, **files.peak_memory())
         log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
                  step + 1, job.total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
         with open(partial / "train_log.jsonl", "a") as f:
@@ -301,20 +299,20 @@ def log_and_save(job, step, totals):
         accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
         job.timer, job.window = time.time(), []
     if job.validation and ((step + 1) % args.validation_every == 0 or step + 1 == job.total_steps):
-        tools.validate(job, step + 1)
+        validation.validate(job, step + 1)
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < job.total_steps:
-        tools.save_state(job, step + 1, args.keep_states)
+        training.save_state(job, step + 1, args.keep_states)
 
 
 def finish(job):
     """Write the checkpoint (the LoRA merged in, the adapter beside it) with where it came from."""
     args, accelerator, init, partial, out = job.args, job.accelerator, job.init, job.partial, job.out
     accelerator.wait_for_everyone()
-    model = tools.whole_unet(job, args.lora_rank and (lambda unet: add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed)))
+    model = training.whole_unet(job, args.lora_rank and (lambda unet: add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed)))
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
-    timing = run_files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs",
+    timing = files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs",
                                    time.time() - job.loop_start)
     iteration = args.iter if args.iter is not None else 0 if init.iteration is None else init.iteration + 1
     info = dict(base_model=init.base_model, arch=init.arch, preset=args.preset or init.preset,
@@ -342,9 +340,9 @@ def finish(job):
 
 def locked_main(args):
     args = resolve_paths(args)
-    with run_files.folder_lock(Path(args.out).parent, "train"):
+    with files.folder_lock(Path(args.out).parent, "train"):
         main(args)
 
 
 if __name__ == "__main__":
-    run_files.run_stage(locked_main, build_parser().parse_args())
+    common.run_stage(locked_main, build_parser().parse_args())

@@ -26,20 +26,25 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-import scorers
-from dpo_maths import BETA, DRAW_SCHEMES, encode_images, encode_prompts, self_rewards
-from run_files import (SailError, folder_lock, image_is_complete, image_name, iteration_checkpoints, iteration_name,
-                       iteration_number, load_image, log, progress, read_jsonl, read_pairs, run_stage, save_args,
-                       save_image_atomic, setup_logging, strip_private, write_json_atomic, write_jsonl_atomic)
-from sail_models import (PRESETS, derive_seed, draw_images, describe_model, inference_dtype, load_pipeline, load_unet, pick_device,
-                         read_checkpoint_info)
+from sail import files, reports
+from sail.batches import encode_images, encode_prompts
+from sail.common import SailError, derive_seed, progress, run_stage, setup_logging
+from sail.dpo import BETA
+from sail.files import folder_lock, image_is_complete, image_name, iteration_checkpoints, iteration_name, iteration_number, load_image, read_jsonl, read_pairs, save_args, save_image_atomic, strip_private, write_json_atomic, write_jsonl_atomic
+from sail.generation import draw_images
+from sail.metrics import LazyScorer, METRICS, check_metric, load_scorer
+from sail.models import describe_model, inference_dtype, load_pipeline, load_unet, pick_device, read_checkpoint_info
+from sail.self_reward import DRAW_SCHEMES, self_rewards
+from sail.settings import PRESETS
 
+log = logging.getLogger("sail")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 BENCHMARKS = {"parti": "parti.jsonl", "hps-anime": "hpsv2_anime.jsonl", "hps-concept-art": "hpsv2_concept-art.jsonl",
               "hps-paintings": "hpsv2_paintings.jsonl", "hps-photo": "hpsv2_photo.jsonl", "drawbench": "drawbench.jsonl",
@@ -173,25 +178,25 @@ def report(out, group, members, metrics, settings, args):
     cols, values = [], {}
     for name, rows in members:
         for m in metrics:
-            label, dec, _ = scorers.METRICS[m]
+            label, dec, _ = METRICS[m]
             cols.append(((name, m), f"{SHORT.get(name, name)} {label}" if len(members) > 1 else label, dec))
             values[(name, m)] = {model: per_prompt(out / model / name, m) for model in models}
     ref = "base" if "base" in models else models[0]
-    stats = scorers.compare(values, models, ref, args.bootstrap)
+    stats = reports.compare(values, models, ref, args.bootstrap)
     title = f"{group}: {', '.join(models)} ({settings['sampler']} {settings['steps']} steps, cfg {settings['cfg']})"
-    table = scorers.markdown_table(title, cols, models, stats, ref)
-    scorers.write_text_atomic(out / f"table_{group}.md", table)
+    table = reports.markdown_table(title, cols, models, stats, ref)
+    files.write_text_atomic(out / f"table_{group}.md", table)
     log.info("\n%s", table)
     series = {}
     for (name, m), _, _ in cols:
-        series.setdefault(scorers.METRICS[m][0], {})[SHORT.get(name, name)] = [
+        series.setdefault(METRICS[m][0], {})[SHORT.get(name, name)] = [
             (s["mean"], *s["ci95"]) if (s := stats[(name, m)]["summary"].get(model)) else None for model in models]
-    scorers.plot_metrics(series, models, out / f"plot_{group}.png", title=group)
+    reports.plot_metrics(series, models, out / f"plot_{group}.png", title=group)
     for name, rows in members:
         paths = ((r["prompt"], [out / m / name / "images" / image_name(r["prompt_id"], 0) for m in models]) for r in rows)
         grid = [row for row in paths if all(p.is_file() for p in row[1])][:args.grid_rows]
         if grid:
-            scorers.image_grid(grid, models, out / f"grid_{name}.png")
+            reports.image_grid(grid, models, out / f"grid_{name}.png")
     log.info("wrote %s/table_%s.md, plot_%s.png, grid_*.png", out, group, group)
 
 
@@ -231,7 +236,7 @@ def reward_accuracy(args, ckpts, out, device):
                 found.append(float(r[0] - r[1]))
         write_json_atomic(path, dict(setting=setting, checkpoint=name, results=[
             dict(method=f"self-reward K={k} {'common' if c else 'own'} draws" + ("" if scheme == "iid" else f" {scheme}"),
-                 **scorers.pair_accuracy(m, args.bootstrap))
+                 **reports.pair_accuracy(m, args.bootstrap))
             for (k, c, scheme), m in margins.items()]))
         del pipe, ref
         free_memory()
@@ -239,12 +244,12 @@ def reward_accuracy(args, ckpts, out, device):
                sorted(out.glob("*/reward_accuracy.json"), key=lambda p: model_order(p.parent.name))
                if json.loads(p.read_text())["setting"] == setting}
     for metric in args.metrics or []:  # the external scorers of Figure 5 on the same pairs
-        scorer = scorers.load_scorer(metric, device, dict(args.scorer_path).get(metric), args.score_batch)
+        scorer = load_scorer(metric, device, dict(args.scorer_path).get(metric), args.score_batch)
         margins = [np.subtract(*scorer([p["prompt"]] * 2, [load_image(p["_image_w"]), load_image(p["_image_l"])],
                                        names=[p["_image_w"], p["_image_l"]])) for p in progress(pairs, desc=metric)]
-        results.setdefault("scorers", []).append(dict(method=metric, **scorers.pair_accuracy(margins, args.bootstrap)))
-    table = scorers.accuracy_table(f"Accuracy on {len(pairs)} human pairs of {args.reward_accuracy}", results)
-    scorers.write_text_atomic(out / "reward_accuracy.md", table)
+        results.setdefault("scorers", []).append(dict(method=metric, **reports.pair_accuracy(margins, args.bootstrap)))
+    table = reports.accuracy_table(f"Accuracy on {len(pairs)} human pairs of {args.reward_accuracy}", results)
+    files.write_text_atomic(out / "reward_accuracy.md", table)
     log.info("\n%s", table)
 
 
@@ -257,7 +262,7 @@ def evaluate(args, ckpts, out, device):
                     seed=args.seed, images_per_prompt=args.images_per_prompt)
     metrics = args.metrics or PRESET_METRICS.get(first.preset, PAPER_METRICS)
     for metric in metrics:
-        scorers.check_metric(metric)
+        check_metric(metric)
     groups = {spec: [(n, rows[:args.limit] if args.limit else rows) for n, rows in read_benchmark(spec, args.run)]
               for spec in args.benchmark}
     benches = [b for members in groups.values() for b in members]
@@ -270,7 +275,7 @@ def evaluate(args, ckpts, out, device):
         del pipe_cache
         free_memory()
     for metric in metrics:
-        scorer = scorers.LazyScorer(metric, device=device, path=dict(args.scorer_path).get(metric),
+        scorer = LazyScorer(metric, device=device, path=dict(args.scorer_path).get(metric),
                                     batch_size=args.score_batch)
         for name in ckpts:
             for bench, rows in benches:
@@ -283,7 +288,7 @@ def evaluate(args, ckpts, out, device):
             write_json_atomic(out / name / bench / "eval.json", dict(
                 benchmark=bench, checkpoint=name, generation=settings, n_prompts=len(rows),
                 model={k: getattr(desc, k) for k in ("ckpt", "base_model", "preset", "iteration")}, per_prompt_scores="scores.jsonl",
-                metrics={m: scorers.summarize([v[r["prompt_id"]] for r in rows], args.bootstrap) for m, v in values.items()}))
+                metrics={m: reports.summarize([v[r["prompt_id"]] for r in rows], args.bootstrap) for m, v in values.items()}))
     for group, members in groups.items():
         report(out, group if group in GROUPS else members[0][0], members, metrics, settings, args)
 
@@ -317,7 +322,7 @@ def build_parser():
     p.add_argument("--benchmark", nargs="+", default=["parti"], help="parti, hps, hps-<style>, pickapic, drawbench, "
                    "pickapic-test-dedup, run, FILE.jsonl")
     p.add_argument("--limit", type=int, help="only the first N prompts of each benchmark (a quick subset)")
-    p.add_argument("--metrics", nargs="+", help=f"from {', '.join(scorers.METRICS)} (default: by preset)")
+    p.add_argument("--metrics", nargs="+", help=f"from {', '.join(METRICS)} (default: by preset)")
     p.add_argument("--scorer-path", action="append", default=[], help="METRIC=hub id, folder or file (see scorers.LOCATIONS)")
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed; per image derive_seed(seed, prompt_id, index)")

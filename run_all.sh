@@ -8,7 +8,7 @@
 #   bash run_all.sh sd15 3         # the paper's SD1.5 run (CUDA; data from prepare_pickapic.py)
 #   bash run_all.sh sdxl 2         # the paper's SDXL run
 #   bash run_all.sh tiny-sd15 2    # random-weight tiny models: a smoke test of the plumbing
-#   bash run_all.sh sdxl 2 --check # first: a few minutes of every stage on the real models (preflight.py)
+#   bash run_all.sh sdxl 2 --check # first: a few minutes of every stage on the real models (tools/preflight.py)
 #
 # Environment overrides:
 #   RUN=runs/<preset>   run folder          N=8            candidates per prompt
@@ -16,23 +16,24 @@
 #   PAIRING=best-worst  or random           PROMPTS=       prompts per iteration (default: the whole pool)
 #   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
-#   DATA_ARGS="--pool-size 16"                     extra flags for toy.py data
+#   DATA_ARGS="--pool-size 16"                     extra flags for python -m toy.data
 #   EVAL=1              evaluate at the end (0: skip); EVAL_BENCHMARK=parti (see 05_eval.py)
 #   GUARD=report        with $RUN/val/pairs.jsonl (held-out human pairs): after each iteration the
-#                       model's self-reward accuracy on them (drift_guard.py); stop: also end the
+#                       model's self-reward accuracy on them (tools/drift_guard.py); stop: also end the
 #                       loop when it falls below the best so far by more than GUARD_TOLERANCE=0.02; off: skip
 #   GUARD=spot          before each iteration trains, a human labels SPOT_PAIRS=32 of its self pairs on the
 #                       labelling page (the loop waits; SPOT_ARGS="--host 0.0.0.0 --port 8765"; in runs made
-#                       by toy.py data the toy's human answers); the loop ends when they agree with the self-reward
-#                       more than SPOT_DROP=0.15 less often than at iteration 1 (spot_check.py)
+#                       by python -m toy.data the toy's human answers); the loop ends when they agree with the self-reward
+#                       more than SPOT_DROP=0.15 less often than at iteration 1 (tools/spot_check.py)
 set -euo pipefail
 
 PRESET=${1:?usage: bash run_all.sh PRESET ITERATIONS   (presets: toy sd15 sdxl tiny-sd15 tiny-sdxl)}
 T=${2:?usage: bash run_all.sh PRESET ITERATIONS}
 KIT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PYTHONPATH="$KIT${PYTHONPATH:+:$PYTHONPATH}"  # the kit's packages (sail, tools, toy) from any folder
 PY=${PYTHON:-python}
 if [[ "${3:-}" == "--check" ]]; then
-  exec $PY "$KIT/preflight.py" --preset "$PRESET"
+  exec $PY -m tools.preflight --preset "$PRESET"
 fi
 LAUNCH=${LAUNCH:-$PY}
 RUN=${RUN:-runs/$PRESET}
@@ -47,7 +48,7 @@ GUARD_TOLERANCE=${GUARD_TOLERANCE:-0.02}
 SPOT_PAIRS=${SPOT_PAIRS:-32}
 SPOT_DROP=${SPOT_DROP:-0.15}
 SPOT_ARGS=${SPOT_ARGS:-}
-DATA_ARGS=${DATA_ARGS:-}  # extra flags for toy.py data (toy and tiny presets)
+DATA_ARGS=${DATA_ARGS:-}  # extra flags for python -m toy.data (toy and tiny presets)
 LIMIT=()
 [[ -n "${PROMPTS:-}" ]] && LIMIT=(--limit "$PROMPTS")
 
@@ -67,7 +68,7 @@ guard() {  # guard ITER: held-out human pairs scored by iteration ITER's own rew
   $PY "$KIT/05_eval.py" --reward-accuracy "$RUN/val/pairs.jsonl" --ckpt "$ckpt" --draws "$K" --common-draws yes \
     --out "$RUN/eval/guard" || exit $?
   log "iter $1: drift guard scored in $((SECONDS - start)) s"
-  $PY "$KIT/drift_guard.py" --run "$RUN" --iter "$1" --tolerance "$GUARD_TOLERANCE" $([[ "$GUARD" == stop ]] && echo --stop) \
+  $PY -m tools.drift_guard --run "$RUN" --iter "$1" --tolerance "$GUARD_TOLERANCE" $([[ "$GUARD" == stop ]] && echo --stop) \
     || status=$?
   [[ $status == 0 || $status == 3 ]] || exit "$status"
   return "$status"
@@ -76,8 +77,8 @@ guard() {  # guard ITER: held-out human pairs scored by iteration ITER's own rew
 spot() {  # spot ITER: a human labels some of iteration ITER's self pairs before it trains; status 3 means stop
   [[ "$GUARD" == spot ]] || return 0
   local labeller=page status=0 start=$SECONDS
-  [[ -f "$RUN/toy_world.data.json" ]] && labeller=toy  # a run toy.py data made: the toy's human answers
-  $PY "$KIT/spot_check.py" --run "$RUN" --iter "$1" --pairs "$SPOT_PAIRS" --drop "$SPOT_DROP" --labeller "$labeller" \
+  [[ -f "$RUN/toy_world.data.json" ]] && labeller=toy  # a run python -m toy.data made: the toy's human answers
+  $PY -m tools.spot_check --run "$RUN" --iter "$1" --pairs "$SPOT_PAIRS" --drop "$SPOT_DROP" --labeller "$labeller" \
     $SPOT_ARGS || status=$?
   [[ $status == 0 || $status == 3 ]] || exit "$status"
   log "iter $1: spot check done in $((SECONDS - start)) s"
@@ -92,15 +93,15 @@ if (( T > 2 )) && [[ "$GUARD" != spot ]]; then
   log "note: GUARD=spot stops the loop when the self-labelled pairs drift from human taste (README, The drift guard)"
 fi
 if [[ "$PRESET" == toy ]]; then
-  stage "toy base model" $PY "$KIT/toy_base.py"  # built once (about 4 minutes), then found in $SAIL_CACHE
+  stage "toy base model" $PY -m toy.base  # built once (about 4 minutes), then found in $SAIL_CACHE
 fi
 if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
   case "$PRESET" in
-    toy|tiny-*) stage "data (toy world)" $PY "$KIT/toy.py" data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;
+    toy|tiny-*) stage "data (toy world)" $PY -m toy.data --run "$RUN" --preset "$PRESET" --n-pools "$T" $DATA_ARGS ;;
     *) echo "error: $RUN/seed/pairs.jsonl not found. Import the seed set and prompt pools first:" >&2
-       echo "  python prepare_pickapic.py --parquet-dir /path/to/pickapic_v2 --run $RUN" >&2
-       echo "  or your own pairs: python import_pairs.py --run $RUN --pairs-file my.csv (docs/own_pairs.md)" >&2
-       echo "  or label them in the browser: python label.py --run $RUN --prompts FILE --preset $PRESET (docs/labelling.md)" >&2
+       echo "  python -m tools.prepare_pickapic --parquet-dir /path/to/pickapic_v2 --run $RUN" >&2
+       echo "  or your own pairs: python -m tools.import_pairs --run $RUN --pairs-file my.csv (docs/own_pairs.md)" >&2
+       echo "  or label them in the browser: python -m tools.label --run $RUN --prompts FILE --preset $PRESET (docs/labelling.md)" >&2
        exit 2 ;;
   esac
 fi
@@ -108,7 +109,7 @@ for ((i = 1; i <= T; i++)); do
   pool=$(printf "%s/pools/iter_%02d.jsonl" "$RUN" "$i")
   [[ -f "$pool" ]] || { echo "error: prompt pool $pool not found (need one per iteration)" >&2; exit 2; }
 done
-$PY "$KIT/run_files.py" check-pools "$RUN"
+$PY -m tools.check_pools "$RUN"
 
 stage "00 seed DPO" $LAUNCH "$KIT/00_seed_dpo.py" --run "$RUN" --preset "$PRESET" $TRAIN_ARGS
 guard 0 || true
@@ -131,8 +132,8 @@ if [[ "$EVAL" == 1 ]]; then
   case "$PRESET" in
     toy|tiny-*)
       if [[ -f "$RUN/eval/prompts.jsonl" ]]; then
-        stage "oracle report" $PY "$KIT/toy.py" report --run "$RUN"
-      else  # a seed set not made by toy.py data (label.py, import_pairs.py) brings no evaluation prompts
+        stage "oracle report" $PY -m toy.report --run "$RUN"
+      else  # a seed set not made by python -m toy.data (label.py, import_pairs.py) brings no evaluation prompts
         log "no $RUN/eval/prompts.jsonl: oracle report skipped"
       fi ;;
     *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-parti}" ;;

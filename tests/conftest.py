@@ -1,5 +1,6 @@
-"""Test set-up: the kit's folder on sys.path, kit-built models cached in a temporary folder,
-and `load_stage("04_train")` to import the stage scripts, whose names start with a digit."""
+"""Test set-up: the kit's folder on sys.path (also for the commands the tests start, `python -m tools.label`
+and the like), kit-built models cached in a temporary folder, and `load_stage("04_train")` to import the
+stage scripts, whose names start with a digit."""
 import importlib
 import os
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 _CACHE = tempfile.TemporaryDirectory(prefix="sail-test-cache-")
 os.environ["SAIL_CACHE"] = _CACHE.name
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

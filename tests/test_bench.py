@@ -1,12 +1,11 @@
-"""bench.py: the released SD1.5 and SDXL architectures it builds for --random-weights (checked on
+"""speed.py: the released SD1.5 and SDXL architectures it builds for --random-weights (checked on
 the meta device, without memory or time), and a run end to end on tiny models."""
 import pytest
 import torch
-from conftest import load_stage
 
-import model_configs
+from bench import speed
+from sail import configs
 
-bench = load_stage("bench")
 
 # parameter counts of the released models (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0)
 UNET = {"sd15": 859_520_964, "sdxl": 2_567_463_684}
@@ -20,7 +19,7 @@ def count(module):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_random_weights_build_the_released_architectures(arch):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    pipe, unet = bench.random_weights_pipeline(arch, torch.device("meta"), torch.bfloat16, "ddim")
+    pipe, unet = speed.random_weights_pipeline(arch, torch.device("meta"), torch.bfloat16, "ddim")
     assert isinstance(pipe, StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline)
     assert count(unet) == count(pipe.unet) == UNET[arch]
     assert unet.dtype == torch.float32 and pipe.unet.dtype == torch.bfloat16  # trained in float32, reference in bf16
@@ -29,20 +28,20 @@ def test_random_weights_build_the_released_architectures(arch):
     if arch == "sdxl":
         assert count(pipe.text_encoder_2) == OPENCLIP_BIGG
         assert pipe.text_encoder_2.config.projection_dim == 1280  # pooled embeds: 2816 = 1280 + 6 x 256
-    assert unet.config.sample_size * 8 == bench.models.PRESETS[arch]["resolution"]
+    assert unet.config.sample_size * 8 == speed.models.PRESETS[arch]["resolution"]
     ids = pipe.tokenizer("a red square").input_ids  # pooled where the id is highest: <|endoftext|>
     assert pipe.text_encoder.config.eos_token_id == 2 and ids[-1] == max(ids) == len(pipe.tokenizer) - 1
 
 
 def small_architectures(arch):
     """The released configs at CPU size, to run the --random-weights path in seconds."""
-    cfg = model_configs.tiny_configs(arch, vocab_size=600)
+    cfg = configs.tiny_configs(arch, vocab_size=600)
     cfg["unet"]["sample_size"] = 4
     return cfg
 
 
 def run_bench(capsys, *argv):
-    bench.main(bench.parse_args(["--pairs", "2", "--images", "2", "--steps", "1", *argv]))
+    speed.main(speed.parse_args(["--pairs", "2", "--images", "2", "--steps", "1", *argv]))
     return capsys.readouterr().out.splitlines()
 
 
@@ -68,8 +67,8 @@ def check_report(lines, arch):
 def test_bench_times_the_training_step_of_04(capsys, monkeypatch):
     """The training rows time 04_train.py's own train_step (and the job its setup builds), not a copy."""
     calls = []
-    real_step = bench.train.train_step
-    monkeypatch.setattr(bench.train, "train_step", lambda job, step: calls.append(step) or real_step(job, step))
+    real_step = speed.train.train_step
+    monkeypatch.setattr(speed.train, "train_step", lambda job, step: calls.append(step) or real_step(job, step))
     lines = run_bench(capsys, "--preset", "tiny-sd15")
     assert lines[0].startswith("preset tiny-sd15 (weights of the preset) on CPU")
     assert "DPO step of 2 pairs (adamw, no mixed precision)" in lines[0] and "at 32 px" in lines[0]
@@ -80,7 +79,7 @@ def test_bench_times_the_training_step_of_04(capsys, monkeypatch):
 
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])
 def test_bench_random_weights_path(capsys, monkeypatch, preset):
-    monkeypatch.setattr(bench, "architecture", small_architectures)
+    monkeypatch.setattr(speed, "architecture", small_architectures)
     lines = run_bench(capsys, "--preset", preset, "--random-weights")
     assert lines[0].startswith(f"preset {preset} (random weights, released architecture)")
     check_report(lines, preset.split("-")[1])
@@ -94,7 +93,7 @@ def test_speed_flags_rows(capsys, monkeypatch):
         named = dict(compile=compile, fuse_qkv=fuse_qkv, channels_last=channels_last)
         applied.extend([sorted(k for k, on in named.items() if on)] if any(named.values()) else [])
         return unet
-    monkeypatch.setattr(bench.models, "speed_up", speed_up)
+    monkeypatch.setattr(speed.models, "speed_up", speed_up)
     rows = [line.split("  ")[0] for line in run_bench(capsys, "--speed-flags")]
     for work in ("DPO step + channels-last", "DPO step + compile", "generation + channels-last",
                  "generation + fuse-qkv", "generation + compile"):
@@ -104,7 +103,7 @@ def test_speed_flags_rows(capsys, monkeypatch):
 
 def test_estimate_adds_up():
     rates = dict(train=128.0, gen=8.0, reward=1.0)  # one step, one prompt's images, one image: a second each
-    rows = bench.paper_run_estimate("sdxl", rates, epochs=1)
+    rows = speed.paper_run_estimate("sdxl", rates, epochs=1)
     seconds = {stage: s for stage, _, s in rows}
     assert seconds["iter 0 DPO (seed)"] == 391 and seconds["iter 1 generation"] == 10_000
     assert seconds["iter 2 self-reward"] == 160_000 and seconds["iter 2 DPO"] == 209  # 20K self + 6,667 human pairs

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import dpo_maths
-from dpo_maths import dpo_loss, implicit_reward
+from sail import self_reward
+from sail.dpo import dpo_loss, implicit_reward
 
 
 def reference_loss(model_pred, ref_pred, target, beta):
@@ -97,18 +97,18 @@ def test_odd_batch_is_refused():
 @pytest.mark.parametrize("k", [4, 5, 10])
 def test_reward_draws_schemes(k):
     gen = lambda: torch.Generator().manual_seed(3)
-    t, noise = dpo_maths.reward_draws(k, (2, 3, 3), 1000, gen(), "iid")
+    t, noise = self_reward.reward_draws(k, (2, 3, 3), 1000, gen(), "iid")
     assert t.shape == (k,) and noise.shape == (k, 2, 3, 3)
-    t, _ = dpo_maths.reward_draws(k, (2, 3, 3), 1000, gen(), "stratified")
+    t, _ = self_reward.reward_draws(k, (2, 3, 3), 1000, gen(), "stratified")
     assert (t * k // 1000).tolist() == list(range(k))  # one timestep in each of k equal strata
     for scheme in ("antithetic", "stratified-antithetic"):
-        t, noise = dpo_maths.reward_draws(k, (2, 3, 3), 1000, gen(), scheme)
+        t, noise = self_reward.reward_draws(k, (2, 3, 3), 1000, gen(), scheme)
         first = k - k // 2  # an odd K keeps one plain draw
         assert torch.equal(noise[first:], -noise[:k // 2]) and len(set(t.tolist())) > 1
         if scheme.startswith("stratified"):
             assert (t * k // 1000).tolist() == list(range(k))
     with pytest.raises(ValueError, match="draw scheme 'sobol'"):
-        dpo_maths.reward_draws(k, (1,), 1000, gen(), "sobol")
+        self_reward.reward_draws(k, (1,), 1000, gen(), "sobol")
 
 
 class TimeScaledUNet(torch.nn.Module):
@@ -132,7 +132,7 @@ class ConstantUNet(torch.nn.Module):
 def reward_spread(unet, scheme, seeds=300):
     from diffusers import DDPMScheduler
     latents, cond = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), {"embeds": torch.zeros(1, 1, 1)}
-    rewards = torch.stack([dpo_maths.self_rewards(unet, ConstantUNet(0.0), DDPMScheduler(num_train_timesteps=1000), latents,
+    rewards = torch.stack([self_reward.self_rewards(unet, ConstantUNet(0.0), DDPMScheduler(num_train_timesteps=1000), latents,
                                                   cond, 32, draws=4, seed=s, scheme=scheme)[0][0] for s in range(seeds)])
     return rewards.mean().item(), rewards.std().item()
 
@@ -142,7 +142,7 @@ def test_variance_reduction_schemes_reduce_the_spread_of_the_reward(unet, helps)
     """Over many seeds, the K = 4 reward of one image varies less with stratified timesteps where the
     error depends on t, with antithetic noise where it is odd in the noise, and with both in either
     case, than with the paper's i.i.d. draws; every scheme estimates the same mean."""
-    spread = {scheme: reward_spread(unet, scheme) for scheme in dpo_maths.DRAW_SCHEMES}
+    spread = {scheme: reward_spread(unet, scheme) for scheme in self_reward.DRAW_SCHEMES}
     (mean_iid, std_iid) = spread["iid"]
     for mean, std in spread.values():
         assert mean == pytest.approx(mean_iid, abs=4 * std_iid / 300 ** 0.5)

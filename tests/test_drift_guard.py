@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-import drift_guard
-import run_files
+from sail import common, files, guards
+from tools import drift_guard
 
 
 def write_accuracies(run, accuracies, n=100):
     for it, acc in enumerate(accuracies):
-        folder = run / "eval" / "guard" / run_files.iteration_name(it)
+        folder = run / "eval" / "guard" / files.iteration_name(it)
         folder.mkdir(parents=True)
         (folder / "reward_accuracy.json").write_text(json.dumps(dict(results=[
             dict(method="self-reward K=10 common draws", accuracy=acc, n=n)])))
@@ -28,7 +28,7 @@ def guard(run, it, *flags):
 ])
 def test_stop_and_best(tmp_path, accuracies, stops, best):
     write_accuracies(tmp_path, accuracies)
-    assert guard(tmp_path, 2, "--stop") == (drift_guard.STOP if stops else 0)
+    assert guard(tmp_path, 2, "--stop") == (guards.STOP if stops else 0)
     record = json.loads((tmp_path / "eval" / "guard" / "guard.json").read_text())
     assert record["best"] == best and record["accuracy"]["iter_02"] == accuracies[2] and record["pairs"] == 100
     assert record["stopped_after"] == ("iter_02" if stops else None)
@@ -38,5 +38,5 @@ def test_stop_and_best(tmp_path, accuracies, stops, best):
 def test_iteration_zero_never_stops_and_a_missing_score_is_named(tmp_path):
     write_accuracies(tmp_path, [0.7])
     assert guard(tmp_path, 0, "--stop", "--tolerance", "-1") == 0
-    with pytest.raises(run_files.SailError, match="iter_01/reward_accuracy.json: not found"):
+    with pytest.raises(common.SailError, match="iter_01/reward_accuracy.json: not found"):
         guard(tmp_path, 1)

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-import run_files
-import toy_world
+from sail import files
+from toy import world
 
 TINY_DATA = "--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --seed-fraction 0.5"
 
@@ -50,7 +50,7 @@ def test_tiny_sd15_two_iterations(tmp_path):
     # every output and every .json beside it; not the logs, the OS lock each stage takes, or the oracle
     # report and its arguments, which the report step writes anew from its cached scores on every run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "log" not in p.name
-              and p.name not in (".lock", "oracle_report.json", "toy_world.report.args.json")}
+              and p.name not in (".lock", "oracle_report.json", "world.report.args.json")}
     again = run_all(run_dir, "tiny-sd15", 2)
     assert "skipping" in (run_dir / "iter_02" / "log.txt").read_text()
     assert "data (toy world)" not in again
@@ -84,9 +84,9 @@ def test_drift_guard_reports_and_stops_the_loop(tmp_path):
     guard = json.loads((run_dir / "eval" / "guard" / "guard.json").read_text())
     assert list(guard["accuracy"]) == ["iter_00", "iter_01"] and guard["stopped_after"] == "iter_01"
     assert guard["best_checkpoint"].endswith(f"iter_{guard['best'][-2:]}/ckpt")
-    val = run_files.read_pairs(run_dir / "val" / "pairs.jsonl")
+    val = files.read_pairs(run_dir / "val" / "pairs.jsonl")
     assert guard["pairs"] == len(val) > 0
-    seen = {(p["image_w"], p["image_l"]) for p in run_files.read_pairs(run_dir / "seed" / "pairs.jsonl")}
+    seen = {(p["image_w"], p["image_l"]) for p in files.read_pairs(run_dir / "seed" / "pairs.jsonl")}
     assert not seen & {(p["image_w"], p["image_l"]) for p in val}  # held out: never in the seed
 
 
@@ -101,7 +101,7 @@ def test_spot_check_stops_the_loop_before_an_iteration_trains(tmp_path):
     spot = json.loads((run_dir / "eval" / "spot" / "spot.json").read_text())
     assert spot["stopped_before"] == "iter_02" and spot["keep"] == str(run_dir / "iter_01" / "ckpt")
     for it in ("iter_01", "iter_02"):
-        judged = run_files.read_jsonl(run_dir / "eval" / "spot" / it / "judgements.jsonl")
+        judged = files.read_jsonl(run_dir / "eval" / "spot" / it / "judgements.jsonl")
         assert len(judged) == 2 and {j["labeller"] for j in judged} == {"toy-rater"}
 
 
@@ -113,10 +113,10 @@ def test_tiny_sdxl_trains_the_same_weights_whatever_sampler_it_ships(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel
     sys.path.insert(0, str(ROOT))
-    import sail_models as models
+    from sail import tiny
     caches = {name: tmp_path / f"cache-{name}" for name in ("euler", "ddim")}
     for name, cache in caches.items():
-        folder = models.build_tiny_pipeline("sdxl", cache / models.tiny_model_dir("sdxl").name)
+        folder = tiny.build_tiny_pipeline("sdxl", cache / tiny.tiny_model_dir("sdxl").name)
         if name == "ddim":
             config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
             assert config["_class_name"] == "EulerDiscreteScheduler"
@@ -141,7 +141,7 @@ def test_tiny_sdxl_trains_the_same_weights_whatever_sampler_it_ships(tmp_path):
 def test_overlapping_pools_stop_the_loop_before_it_starts(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RUN=str(run_dir), DATA_ARGS=TINY_DATA, PYTHON=sys.executable, EVAL="0")
-    subprocess.run([sys.executable, str(ROOT / "toy.py"), "data", "--run", str(run_dir), "--preset", "tiny-sd15",
+    subprocess.run([sys.executable, "-m", "toy.data", "--run", str(run_dir), "--preset", "tiny-sd15",
                     "--n-pools", "2", *TINY_DATA.split()], check=True, capture_output=True)
     pool2 = run_dir / "pools" / "iter_02.jsonl"
     first = (run_dir / "pools" / "iter_01.jsonl").read_text().splitlines()[0]
@@ -161,11 +161,11 @@ def test_toy_world_shortened(tmp_path):
     report = json.loads((run_dir / "eval" / "oracle_report.json").read_text())
     assert list(report) == ["base", "iter_00", "iter_01"]
     for name, r in report.items():  # the report's numbers are those of its cached per-image oracle scores
-        scores = [row["score"] for row in run_files.read_jsonl(run_dir / "eval" / "oracle" / name / "scores.jsonl")]
+        scores = [row["score"] for row in files.read_jsonl(run_dir / "eval" / "oracle" / name / "scores.jsonl")]
         assert r["n"] == len(scores) == 8 * 4 and r["mean"] == pytest.approx(sum(scores) / len(scores))
-    pairs = run_files.read_pairs(run_dir / "iter_01" / "pairs.jsonl")
-    agree = [toy_world.oracle_score(p["prompt"], run_files.load_image(p["_image_w"]))
-             > toy_world.oracle_score(p["prompt"], run_files.load_image(p["_image_l"])) for p in pairs]
+    pairs = files.read_pairs(run_dir / "iter_01" / "pairs.jsonl")
+    agree = [world.oracle_score(p["prompt"], files.load_image(p["_image_w"]))
+             > world.oracle_score(p["prompt"], files.load_image(p["_image_l"])) for p in pairs]
     assert report["iter_01"]["self_reward_agreement"] == pytest.approx(sum(agree) / len(agree))
     assert "win_rate" in report["iter_01"]
     for name in report:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from conftest import load_stage
 from PIL import Image
 
-import scorers
-from run_files import SailError
-from sail_models import describe_model, load_unet, save_checkpoint
+from sail import metrics, reports, scorers
+from sail.common import SailError
+from sail.models import describe_model, load_unet, save_checkpoint
 
 
 def random_images(sizes, seed=0):
@@ -113,30 +113,30 @@ def test_hpsv2_is_100_times_cosine_with_its_preprocessing():
 def test_missing_optional_package_names_what_to_install(monkeypatch, metric, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
     with pytest.raises(SailError, match=f"pip install {package}"):
-        scorers.check_metric(metric)
+        metrics.check_metric(metric)
     with pytest.raises(SailError, match=f"pip install {package}"):
-        scorers.load_scorer(metric)
+        metrics.load_scorer(metric)
 
 
 def test_oracle_scorer_is_the_toy_worlds_oracle():
-    toy_world = pytest.importorskip("toy_world")
+    toy_world = pytest.importorskip("toy.world")
     prompts = ["a small red circle at the top left", "a large blue square in the center"]
-    got = scorers.load_scorer("oracle")(prompts, IMAGES[:2])
+    got = metrics.load_scorer("oracle")(prompts, IMAGES[:2])
     assert got == [toy_world.oracle_score(p, img) for p, img in zip(prompts, IMAGES[:2])]
 
 
 def test_unknown_metric_is_refused():
     with pytest.raises(SailError, match="unknown metric"):
-        scorers.check_metric("clipscore2")
+        metrics.check_metric("clipscore2")
 
 
 def test_statistics():
-    p = scorers.paired([1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 4.0, 3.0])
+    p = reports.paired([1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 4.0, 3.0])
     assert p["win"] == pytest.approx((1 + 0.5 + 0 + 1) / 4) and p["delta"] == pytest.approx(0.25)
     assert p["win_ci"][0] <= p["win"] <= p["win_ci"][1]
-    s = scorers.summarize(np.arange(100.0))
+    s = reports.summarize(np.arange(100.0))
     assert s["n"] == 100 and s["mean"] == 49.5 and s["ci95"][0] < 49.5 < s["ci95"][1]
-    a = scorers.pair_accuracy([0.5, -1.0, 0.0, 0.0])
+    a = reports.pair_accuracy([0.5, -1.0, 0.0, 0.0])
     assert a["accuracy"] == 0.25 and a["ties"] == 2 and a["n"] == 4
 
 

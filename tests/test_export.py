@@ -12,10 +12,10 @@ import torch
 from conftest import ROOT
 from helpers import coloured_image, make_pairs
 
-import export
-import model_configs
-import sail_models as models
-from run_files import SailError
+from sail import models
+from tools import export
+from sail.common import SailError
+from sail.configs import released_configs
 
 LAYER_PREFIXES = {"sd15": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."),
                   "sdxl": ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
@@ -159,7 +159,7 @@ def test_key_maps_equal_the_scripts_on_the_released_architectures(arch):
     """The released models have the block counts the scripts hard-code: there export.py must give the
     scripts' names to every weight (of the full-size models, built without memory on the meta device)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    configs = model_configs.released_configs(arch)
+    configs = released_configs(arch)
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**configs["unet"]), AutoencoderKL(**configs["vae"])
     for model, ours, theirs in ((unet, lambda s: export.convert_unet(s, unet.config), lambda s: script_convert_unet(s, arch == "sdxl")),
@@ -290,7 +290,7 @@ def test_rerun_keeps_finished_parts_and_edited_card_and_refuses_another_checkpoi
 
 def test_push_without_network_stops_with_one_clear_line(run, exported):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "export.py", "--ckpt", str(run / "iter_01" / "ckpt"), "--out", str(exported),
+    result = subprocess.run([sys.executable, "-m", "tools.export", "--ckpt", str(run / "iter_01" / "ckpt"), "--out", str(exported),
                              "--push-to-hub", "someone/toy-sail"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -12,9 +12,10 @@ from conftest import ROOT, load_stage
 from helpers import COLOURS, coloured_image
 from PIL import Image
 
-from run_files import SailError, check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs, read_prompts
+from tools import import_pairs
+from sail.common import SailError
+from sail.files import check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs, read_prompts
 
-ip = load_stage("import_pairs")
 EVAL_PROMPT, EVAL_PROMPT_2 = (r["prompt"] for r in read_jsonl(ROOT / "prompts" / "drawbench.jsonl")[:2])  # kit eval prompts
 
 
@@ -43,7 +44,7 @@ def pair_rows(n_prompts, per_prompt=2, tie_every=0):
 
 
 def run(out, *argv):
-    ip.main(ip.build_parser().parse_args(["--run", str(out), *map(str, argv)]))
+    import_pairs.main(import_pairs.build_parser().parse_args(["--run", str(out), *map(str, argv)]))
     return out
 
 
@@ -69,7 +70,7 @@ def test_csv_end_to_end_winners_and_ties(tmp_path):
         win, lose = (b, a) if choice.lower() == "b" else (a, b)
         by_prompt_and_loser[(prompt, (folder / lose).read_bytes())] = (folder / win).read_bytes()
     for p in pairs:
-        assert p["source"] == "human" and p["prompt_id"] == ip.prompt_id(normalise_prompt(p["prompt"]))
+        assert p["source"] == "human" and p["prompt_id"] == import_pairs.prompt_id(normalise_prompt(p["prompt"]))
         assert by_prompt_and_loser[(p["prompt"], p["_image_l"].read_bytes())] == p["_image_w"].read_bytes()
         assert p["_image_w"].parent == out / "seed" / "images"
     # img_0.png is in two pairs and stored once

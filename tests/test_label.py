@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import label
-import label_server
-import run_files
+from sail import files, labelling
+from tools import label, label_server
+from sail.common import SailError
 from helpers import COLOURS, coloured_image
-from run_files import SailError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +38,12 @@ def fake_candidates(folder, draw=None):
     """images/ and generations.jsonl as 01_generate.py writes them; candidate k of every prompt has colour k."""
     (folder / "images").mkdir(exist_ok=True)
     rows = []
-    for row in run_files.read_prompts(folder / "prompts.jsonl"):
+    for row in files.read_prompts(folder / "prompts.jsonl"):
         for k in range(3):
-            image = f"images/{run_files.image_name(row['prompt_id'], k)}"
+            image = f"images/{files.image_name(row['prompt_id'], k)}"
             (draw(row["prompt"], k) if draw else coloured_image(COLOURS[k], 32, seed=k)).save(folder / image)
             rows.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k, seed=k, image=image))
-    run_files.write_jsonl_atomic(folder / "generations.jsonl", rows)
+    files.write_jsonl_atomic(folder / "generations.jsonl", rows)
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def run(tmp_path):
 
 class Client:
     def __init__(self, folder, seed=0, target=6):
-        self.server = label_server.make_server(label_server.Labelling(folder, seed, target), "127.0.0.1", 0)
+        self.server = label_server.make_server(labelling.Labelling(folder, seed, target), "127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -105,7 +104,7 @@ def test_prompt_file_and_split(tmp_path):
     assert [r["prompt_id"] for r in first] == [r["prompt_id"] for r in again[0]]  # seeded, not file order
     assert len({r["prompt"] for r in first + pools}) == 12
     kept_out = pools[0]["prompt"]  # as if it were an evaluation prompt: it stays out of the pools
-    without = label.split_prompts(rows, 3, [4, 5], 0, {run_files.normalise_prompt(kept_out)})[1]
+    without = label.split_prompts(rows, 3, [4, 5], 0, {files.normalise_prompt(kept_out)})[1]
     assert len(without) == 9 and kept_out not in [r["prompt"] for r in without]
     assert first != label.split_prompts(rows, 3, [4, 5], 1, set())[0]
     with pytest.raises(SailError, match="need 15 prompts; the file has 14"):
@@ -113,8 +112,8 @@ def test_prompt_file_and_split(tmp_path):
 
 
 def test_pace():
-    assert label_server.pace([0.0]) is None and label_server.pace([0, 2, 4, 200, 203]) == 2  # the 196 s pause left out
-    assert label_server.pace(list(range(0, 300, 3)) + [310, 311]) == 3
+    assert labelling.pace([0.0]) is None and labelling.pace([0, 2, 4, 200, 203]) == 2  # the 196 s pause left out
+    assert labelling.pace(list(range(0, 300, 3)) + [310, 311]) == 3
 
 
 def test_settings_recorded(run, tmp_path):
@@ -157,7 +156,7 @@ def test_bad_requests_write_nothing(run):
 
 
 def test_order_covers_prompts_first(run):
-    pairs = label_server.Labelling(run.run / "label", 0, 6).pairs
+    pairs = labelling.Labelling(run.run / "label", 0, 6).pairs
     assert len({p["prompt_id"] for p in pairs[:3]}) == 3 and len({p["id"] for p in pairs}) == 9
     assert {p["image_a"] < p["image_b"] for p in pairs} == {True, False}  # sides shuffled
 
@@ -195,16 +194,16 @@ def test_undo_restart_and_finish(run):
     lines = judgement_lines(folder)
     assert [r.get("choice", "undo") for r in lines] == ["a", "b", "tie", "skip", "a", "undo", "b", "undo", "b"]
     label.main(label.build_parser().parse_args(["--run", str(run.run), "--finish"]))
-    pairs = run_files.read_pairs(run_files.seed_pairs_path(run.run))
+    pairs = files.read_pairs(files.seed_pairs_path(run.run))
     wanted = [(p, c) for p, c in done if c in "ab"]
     assert len(pairs) == 3 and all(r["source"] == "human" for r in pairs)
     for row, (pair, choice) in zip(pairs, wanted):
         assert row["prompt_id"] == pair["prompt_id"] and row["_image_w"] == (folder / pair["image_" + choice]).resolve()
         assert row["image_w"].startswith("../label/images/")
-    pools = [run_files.read_prompts(run_files.pool_path(run.run, i)) for i in (1, 2)]
+    pools = [files.read_prompts(files.pool_path(run.run, i)) for i in (1, 2)]
     assert [len(p) for p in pools] == [4, 5]
-    run_files.check_pools_disjoint(run.run)
-    labelled = {r["prompt"] for r in run_files.read_prompts(folder / "prompts.jsonl")}
+    files.check_pools_disjoint(run.run)
+    labelled = {r["prompt"] for r in files.read_prompts(folder / "prompts.jsonl")}
     assert not labelled & {r["prompt"] for p in pools for r in p}
     stats = json.loads((run.run / "seed/stats.json").read_text())
     assert (stats["pairs"], stats["undone"], stats["tie"], stats["skip"]) == (3, 2, 1, 1)
@@ -215,15 +214,15 @@ def test_undo_restart_and_finish(run):
         client.post("/api/judge", {"name": "bob", "pair": answer["pair"]["id"], "choice": "a"})
     finally:
         client.close()
-    before = run_files.seed_pairs_path(run.run).read_bytes()
+    before = files.seed_pairs_path(run.run).read_bytes()
     with pytest.raises(SailError, match="exists and differs.*not overwriting"):
         label.finish(run)
-    assert run_files.seed_pairs_path(run.run).read_bytes() == before
+    assert files.seed_pairs_path(run.run).read_bytes() == before
 
 
 def test_killed_server_continues(run):
     """A real process, killed with SIGKILL between two judgements, then started again with the same command."""
-    command = [sys.executable, str(ROOT / "label.py"), "--run", str(run.run), "--prompts", str(run.prompts), "--preset",
+    command = [sys.executable, "-m", "tools.label", "--run", str(run.run), "--prompts", str(run.prompts), "--preset",
                "tiny-sd15", "--label-prompts", "3", "--candidates", "3", "--pool-sizes", "4,5", "--port", "0"]
 
     proc, client = start_page(command, "labelling page: ")
@@ -246,9 +245,9 @@ def test_killed_server_continues(run):
 
 def toy_picture(prompt, k):
     """Candidates as the toy world draws them, for a page that looks like the toy preset's."""
-    import toy_world
-    attrs = toy_world.parse_caption(prompt)
-    return Image.fromarray(toy_world.render_web(np.random.default_rng(101 * k + 3), attrs)[0])
+    from toy import world
+    attrs = world.parse_caption(prompt)
+    return Image.fromarray(world.render_web(np.random.default_rng(101 * k + 3), attrs)[0])
 
 
 def browser():
@@ -268,7 +267,7 @@ def browser():
 
 
 def test_page_in_a_browser(tmp_path):
-    from toy_world import all_captions
+    from toy.world import all_captions
     driver = browser()  # skips the test where selenium or chromium is missing
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -325,7 +324,7 @@ def test_page_in_a_browser(tmp_path):
     assert [r.get("choice", "undo") for r in lines()] == ["a", "b", "a", "tie", "skip", "undo", "tie", "b", "b"]
     assert {r["labeller"] for r in lines()} == {"erin"}
     label.finish(args)
-    pairs = run_files.read_pairs(run_files.seed_pairs_path(args.run))
+    pairs = files.read_pairs(files.seed_pairs_path(args.run))
     kept = [r for r in lines() if r.get("choice") in ("a", "b")]
     assert [p["_image_w"].name for p in pairs] == [Path(r["image_" + r["choice"]]).name for r in kept]
 
@@ -335,7 +334,7 @@ def test_candidates_through_01_generate(tmp_path):
     args = label_args(tmp_path / "run", write_prompts(tmp_path / "prompts.txt"))
     folder = label.prepare(args)
     label.generate(args, folder)
-    rows = run_files.read_jsonl(folder / "generations.jsonl")
+    rows = files.read_jsonl(folder / "generations.jsonl")
     assert len(rows) == 9 and json.loads((folder / "generate.settings.json").read_text())["model"] == "tiny-sd15"
     assert all(Image.open(folder / r["image"]).size == (32, 32) for r in rows)
-    assert len(label_server.Labelling(folder, 0, 6).pairs) == 9
+    assert len(labelling.Labelling(folder, 0, 6).pairs) == 9

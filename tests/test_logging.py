@@ -1,5 +1,5 @@
 """The stages' logs hold the kit's lines, not library noise: without torchvision, transformers 5
-warns once per image processor class that diffusers' pipelines import; run_files.setup_logging
+warns once per image processor class that diffusers' pipelines import; sail.common.setup_logging
 drops those lines. The check hides torchvision from a fresh interpreter (the README's plain
 `pip install -r requirements.txt` does not bring it) and shows the warning without the filter."""
 import subprocess
@@ -23,11 +23,11 @@ SCRIPT = textwrap.dedent("""
 
     importlib.util.find_spec, importlib.metadata.version = hidden_find_spec, hidden_version
     sys.modules["torchvision"] = None  # an import of it fails as if it were not installed
-    import run_files
+    from sail import common
     from transformers.utils import import_utils
     assert not import_utils.is_torchvision_available()
     if sys.argv[2] == "kit":
-        run_files.setup_logging(sys.argv[1], "generate")
+        common.setup_logging(sys.argv[1], "generate")
     import diffusers
     diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline
     print("pipelines imported")

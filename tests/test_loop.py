@@ -9,9 +9,8 @@ import torch
 from conftest import load_stage
 from helpers import coloured_image, make_pairs, make_pool
 
-import dpo_maths
-import run_files
-import sail_models as models
+from sail import batches, common, dpo, files, models
+from sail.self_reward import self_rewards
 
 generate = load_stage("01_generate")
 self_reward = load_stage("02_self_reward")
@@ -20,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 def run(stage, *argv):
-    run_files.run_stage(stage.locked_main, stage.build_parser().parse_args([str(a) for a in argv]))
+    common.run_stage(stage.locked_main, stage.build_parser().parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +31,21 @@ def tiny():
 
 
 def latents_of(pipe, colours):
-    return dpo_maths.encode_images(pipe.vae, [coloured_image(c, 32, seed=i) for i, c in enumerate(colours)], CPU)
+    return batches.encode_images(pipe.vae, [coloured_image(c, 32, seed=i) for i, c in enumerate(colours)], CPU)
 
 
 def test_model_equal_to_reference_gives_zero_reward(tiny):
     pipe, sched = tiny
     lat = latents_of(pipe, [(200, 0, 0), (0, 200, 0), (0, 0, 200)])
-    cond = dpo_maths.encode_prompts(pipe, ["a square"], CPU)
-    reward, se = dpo_maths.self_rewards(pipe.unet, pipe.unet, sched, lat, cond, 32, draws=4, beta=5000.0)
+    cond = batches.encode_prompts(pipe, ["a square"], CPU)
+    reward, se = self_rewards(pipe.unet, pipe.unet, sched, lat, cond, 32, draws=4, beta=5000.0)
     assert torch.equal(reward, torch.zeros(3, dtype=torch.float64)) and torch.equal(se, torch.zeros(3, dtype=torch.float64))
 
 
 def test_a_model_tuned_towards_one_image_ranks_it_first(tiny):
     pipe, sched = tiny
     lat = latents_of(pipe, [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0)])
-    cond = dpo_maths.encode_prompts(pipe, ["a square"], CPU)
+    cond = batches.encode_prompts(pipe, ["a square"], CPU)
     tuned = copy.deepcopy(pipe.unet).train()
     opt = torch.optim.Adam(tuned.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
@@ -54,13 +53,13 @@ def test_a_model_tuned_towards_one_image_ranks_it_first(tiny):
         noise = torch.randn((8, *lat.shape[1:]), generator=g)
         t = torch.randint(0, 1000, (8,), generator=g)
         x = lat[2:3].expand(8, -1, -1, -1)
-        pred = dpo_maths.unet_call(tuned, sched.add_noise(x, noise, t), t, {"embeds": cond["embeds"].expand(8, -1, -1)}, 32)
+        pred = dpo.unet_call(tuned, sched.add_noise(x, noise, t), t, {"embeds": cond["embeds"].expand(8, -1, -1)}, 32)
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
     tuned.eval()
-    reward, se = dpo_maths.self_rewards(tuned, pipe.unet, sched, lat, cond, 32, draws=10, beta=5000.0)
+    reward, se = self_rewards(tuned, pipe.unet, sched, lat, cond, 32, draws=10, beta=5000.0)
     assert reward.argmax().item() == 2, reward
     assert (se > 0).all()
 
@@ -72,13 +71,13 @@ def test_common_draws_give_identical_images_identical_rewards(tiny):
         for p in other.parameters():
             p.add_(0.01 * torch.randn_like(p))
     lat = latents_of(pipe, [(200, 0, 0)]).repeat(2, 1, 1, 1)
-    cond = dpo_maths.encode_prompts(pipe, ["a square"], CPU)
-    shared, _ = dpo_maths.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=4)
-    own, _ = dpo_maths.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=False)
+    cond = batches.encode_prompts(pipe, ["a square"], CPU)
+    shared, _ = self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=4)
+    own, _ = self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=False)
     shared_gap, own_gap = abs(shared[0] - shared[1]).item(), abs(own[0] - own[1]).item()
     assert shared_gap < 1e-4 * abs(shared[0]).item() + 1e-9  # equal up to batching round-off
     assert own_gap > 100 * shared_gap
-    again, _ = dpo_maths.self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=5)
+    again, _ = self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=5)
     torch.testing.assert_close(again, shared, rtol=1e-4, atol=1e-6)  # batching does not change the draws
 
 
@@ -110,7 +109,7 @@ def trained_run(tmp_path, candidates):
     iteration 1 generated `candidates` images per prompt."""
     run_dir = make_run(tmp_path)
     train = load_stage("04_train")
-    run_files.run_stage(train.locked_main, train.build_parser().parse_args(
+    common.run_stage(train.locked_main, train.build_parser().parse_args(
         ["--run", str(run_dir), "--iter", "0", "--preset", "tiny-sd15", "--max-steps", "2", "--lr", "1e-4"]))
     run(generate, "--run", run_dir, "--iter", 1, "--num-candidates", candidates)
     return run_dir
@@ -119,13 +118,13 @@ def trained_run(tmp_path, candidates):
 def test_self_reward_stage_gives_no_pair_for_identical_images(tmp_path):
     run_dir = trained_run(tmp_path, candidates=2)
     folder = run_dir / "iter_01"
-    gens = run_files.read_jsonl(folder / "generations.jsonl")
+    gens = files.read_jsonl(folder / "generations.jsonl")
     first = [g for g in gens if g["prompt_id"] == gens[0]["prompt_id"]]
     (folder / first[1]["image"]).write_bytes((folder / first[0]["image"]).read_bytes())
     run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2, "--no-common-draws")
-    rewards = {r["image"]: r["reward"] for r in run_files.read_jsonl(folder / "rewards.jsonl")}
+    rewards = {r["image"]: r["reward"] for r in files.read_jsonl(folder / "rewards.jsonl")}
     assert rewards[first[0]["image"]] != rewards[first[1]["image"]]  # own draws rank a copy by noise alone
-    pairs = run_files.read_jsonl(folder / "pairs.jsonl")
+    pairs = files.read_jsonl(folder / "pairs.jsonl")
     assert gens[0]["prompt_id"] not in {p["prompt_id"] for p in pairs} and len(pairs) == len({g["prompt_id"] for g in gens}) - 1
 
 
@@ -151,7 +150,7 @@ def test_mixup_stage_rewrites_paths_and_records_origin(tmp_path):
     make_pairs(tmp_path / "iter_01", n=3, source="self")
     run(mixup, "--run", tmp_path, "--iter", 1)
     out = tmp_path / "iter_01" / "train_pairs.jsonl"
-    rows = run_files.read_pairs(out)
+    rows = files.read_pairs(out)
     assert sum(r["source"] == "human" for r in rows) == 1 and len(rows) == 4
     human = next(r for r in rows if r["source"] == "human")
     assert human["image_w"].startswith("../seed/images/") and human["origin"].startswith("../seed/pairs.jsonl:")
@@ -173,7 +172,7 @@ def test_generation_is_reproducible_and_resumes(tmp_path):
     run_dir = make_run(tmp_path)
     argv = ["--ckpt", "tiny-sd15", "--pool", run_dir / "pools" / "iter_01.jsonl", "--num-candidates", 3]
     run(generate, *argv, "--out", tmp_path / "a")
-    gens = run_files.read_jsonl(tmp_path / "a" / "generations.jsonl")
+    gens = files.read_jsonl(tmp_path / "a" / "generations.jsonl")
     assert len(gens) == 6 and len({g["seed"] for g in gens}) == 6
     assert (tmp_path / "a" / "generate.args.json").is_file()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -228,7 +227,7 @@ def test_generation_rerun_with_other_settings_stops_instead_of_mixing(tmp_path, 
     run_dir = make_run(tmp_path)
     argv = ["--ckpt", "tiny-sd15", "--pool", run_dir / "pools" / "iter_01.jsonl", "--num-candidates", 2, "--out", tmp_path / "g"]
     run(generate, *argv, "--steps", 2)
-    gens = run_files.read_jsonl(tmp_path / "g" / "generations.jsonl")
+    gens = files.read_jsonl(tmp_path / "g" / "generations.jsonl")
     (tmp_path / "g" / "generations.jsonl").unlink()
     (tmp_path / "g" / gens[1]["image"]).unlink()  # killed before the last images and the list
     kept = (tmp_path / "g" / gens[0]["image"]).read_bytes()
@@ -241,7 +240,7 @@ def test_generation_rerun_with_other_settings_stops_instead_of_mixing(tmp_path, 
         assert "generate.settings.json to generate anew" in err
         assert not (tmp_path / "g" / "generations.jsonl").exists() and (tmp_path / "g" / gens[0]["image"]).read_bytes() == kept
     run(generate, *argv, "--steps", 2)
-    assert len(run_files.read_jsonl(tmp_path / "g" / "generations.jsonl")) == len(gens)
+    assert len(files.read_jsonl(tmp_path / "g" / "generations.jsonl")) == len(gens)
 
 
 def test_self_reward_rerun_with_other_settings_stops_instead_of_mixing(tmp_path, capsys):
@@ -251,7 +250,7 @@ def test_self_reward_rerun_with_other_settings_stops_instead_of_mixing(tmp_path,
     partial = folder / "rewards.partial.0.jsonl"
     partial.write_text('{"prompt_id": "prompt0", "prompt": "prompt number 0", "index": 0, "image": "x", "reward": 1.0,'
                        ' "reward_se": 0.1, "draws": 2}\n')
-    run_files.write_json_atomic(folder / "self_reward.settings.json", dict(
+    files.write_json_atomic(folder / "self_reward.settings.json", dict(
         model="tiny-sd15", reference="base", draws=2, common_draws=True, beta=5000.0, seed=0, mixed_precision="no"))
     for flag, name, value in ((["--draws", 3], "draws", 3), (["--beta", 2500], "beta", 2500.0),
                               (["--no-common-draws"], "common_draws", False), (["--ref", "tiny-sdxl"], "reference", "tiny-sdxl")):
@@ -268,12 +267,12 @@ def test_self_reward_draw_scheme_is_a_setting(tmp_path, capsys):
     run_dir = trained_run(tmp_path, candidates=2)
     folder = run_dir / "iter_01"
     run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2)
-    iid = {r["image"]: r["reward"] for r in run_files.read_jsonl(folder / "rewards.jsonl")}
+    iid = {r["image"]: r["reward"] for r in files.read_jsonl(folder / "rewards.jsonl")}
     assert "draw_scheme" not in json.loads((folder / "self_reward.settings.json").read_text())
     for name in ("rewards.jsonl", "pairs.jsonl", "self_reward.settings.json"):
         (folder / name).unlink()
     run(self_reward, "--run", run_dir, "--iter", 1, "--draws", 2, "--draw-scheme", "stratified-antithetic")
-    other = {r["image"]: r["reward"] for r in run_files.read_jsonl(folder / "rewards.jsonl")}
+    other = {r["image"]: r["reward"] for r in files.read_jsonl(folder / "rewards.jsonl")}
     assert other.keys() == iid.keys() and all(other[k] != iid[k] for k in iid)
     (folder / "rewards.partial.0.jsonl").write_text((folder / "rewards.jsonl").read_text().splitlines()[0] + "\n")
     for name in ("rewards.jsonl", "pairs.jsonl"):  # killed before the end

@@ -13,9 +13,7 @@ from conftest import ROOT, load_stage
 from helpers import make_pairs
 from test_train import run_train, train_killed_and_resumed, unet_state
 
-import dpo_maths
-import lora
-import sail_models as models
+from sail import dpo, lora, models
 
 pytest.importorskip("peft")
 train = load_stage("04_train")
@@ -36,7 +34,7 @@ def unet_inputs(unet, batch=2, seed=0):
 @torch.no_grad()
 def predict(unet, inputs):
     x, t, cond = inputs
-    return dpo_maths.unet_call(unet, x, t, cond, 32)
+    return dpo.unet_call(unet, x, t, cond, 32)
 
 
 def test_reference_with_the_adapter_off_equals_a_frozen_copy():
@@ -49,7 +47,7 @@ def test_reference_with_the_adapter_off_equals_a_frozen_copy():
                 param.normal_(0, 0.05)  # a trained adapter: B is no longer zero
     inputs = unet_inputs(unet)
     assert not torch.allclose(predict(unet, inputs), predict(frozen, inputs))
-    with dpo_maths.adapters_off(unet):
+    with dpo.adapters_off(unet):
         assert torch.equal(predict(unet, inputs), predict(frozen, inputs))
     assert not torch.allclose(predict(unet, inputs), predict(frozen, inputs)), "the adapter is back on"
     assert all(("lora_" in n) == p.requires_grad for n, p in unet.named_parameters())
@@ -120,12 +118,12 @@ import sys
 sys.modules["peft"] = None  # as if peft were not installed: importing it fails
 sys.path.insert(0, {str(ROOT)!r})
 from conftest import load_stage
-import run_files
+from sail import common
 train = load_stage("04_train")
 base = ["--iter", "0", "--preset", "tiny-sd15", "--max-steps", "1", "--batch-size", "4"]
-run_files.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "full")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base]))
+common.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "full")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base]))
 print("full UNet trained")
-run_files.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "lora")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base, "--lora-rank", "4"]))
+common.run_stage(train.locked_main, train.build_parser().parse_args(["--run", {str(tmp_path / "lora")!r}, "--pairs", {str(tmp_path / "seed" / "pairs.jsonl")!r}, *base, "--lora-rank", "4"]))
 """
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)

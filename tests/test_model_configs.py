@@ -1,13 +1,12 @@
 """The tiny models are the released SD1.5 / SDXL in everything but size: the saved config files of
-tiny-sd15 / tiny-sdxl equal model_configs.py's released configs on every key that is not a width,
+tiny-sd15 / tiny-sdxl equal configs.py's released configs on every key that is not a width,
 a depth or the vocabulary."""
 import json
 from pathlib import Path
 
 import pytest
 
-import model_configs
-import sail_models as models
+from sail import configs, models
 
 SIZE_KEYS = {
     "unet": {"block_out_channels", "layers_per_block", "norm_num_groups", "sample_size", "down_block_types",
@@ -37,7 +36,7 @@ def assert_same_except_size(tiny, released, kind, where):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_tiny_models_keep_every_released_setting_but_size(arch):
     folder = models.resolve_model_path(f"tiny:{arch}")
-    released = model_configs.released_configs(arch)
+    released = configs.released_configs(arch)
     scheduler = saved(folder, "scheduler/scheduler_config.json")
     assert scheduler["_class_name"] == {"sd15": "PNDMScheduler", "sdxl": "EulerDiscreteScheduler"}[arch]
     assert saved(folder, "model_index.json")["scheduler"] == ["diffusers", scheduler["_class_name"]]
@@ -68,7 +67,7 @@ def test_tiny_models_keep_every_released_setting_but_size(arch):
         assert saved(folder, "text_encoder_2/config.json")["hidden_act"] == "gelu"  # OpenCLIP ViT-bigG/14
         # time ids: six of addition_time_embed_dim each, then the pooled embedding of encoder 2
         projection = pipe.text_encoder_2.config.projection_dim
-        assert unet["projection_class_embeddings_input_dim"] == model_configs.TIME_IDS * unet["addition_time_embed_dim"] + projection
+        assert unet["projection_class_embeddings_input_dim"] == configs.TIME_IDS * unet["addition_time_embed_dim"] + projection
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
@@ -94,7 +93,7 @@ def test_text_encoders_pool_at_the_end_of_text_token(arch):
 def test_tiny_sdxl_text_encoders_differ_in_width_as_released():
     """SDXL's second text encoder is the wider one and the UNet attends to both side by side: loaders
     such as from_single_file tell the encoders apart by width, so the tiny model keeps that order."""
-    for cfg in (model_configs.released_configs("sdxl"), model_configs.tiny_configs("sdxl", 300)):
+    for cfg in (configs.released_configs("sdxl"), configs.tiny_configs("sdxl", 300)):
         widths = [t["hidden_size"] for t in cfg["text"]]
         assert widths[0] < widths[1] and cfg["unet"]["cross_attention_dim"] == sum(widths)
         assert cfg["text"][1]["projection_dim"] == widths[1]

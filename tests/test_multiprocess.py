@@ -11,7 +11,7 @@ from conftest import ROOT
 from helpers import make_pairs, make_pool
 from PIL import Image
 
-import sail_models as models
+from sail import tiny
 
 
 def launch(nproc, script, *argv):
@@ -50,7 +50,7 @@ def test_two_processes_match_one(data):
     from diffusers import UNet2DConditionModel
     a = UNet2DConditionModel.from_pretrained(data / "ckpt1" / "unet").state_dict()
     b = UNet2DConditionModel.from_pretrained(data / "ckpt2" / "unet").state_dict()
-    base = UNet2DConditionModel.from_pretrained(models.tiny_model_dir("sd15") / "unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(tiny.tiny_model_dir("sd15") / "unet").state_dict()
     change = torch.cat([(a[k] - base[k]).abs().flatten() for k in a]).mean()
     gap = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean()
     assert change > 1e-5  # it trained

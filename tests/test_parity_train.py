@@ -19,8 +19,7 @@ from conftest import load_stage
 from PIL import Image
 from torchvision import transforms
 
-import dpo_maths
-import sail_models as models
+from sail import batches, dpo, models
 
 train = load_stage("04_train")
 RES, BETA = 32, 5000.0
@@ -162,7 +161,7 @@ def test_one_dpo_step_matches_the_reference(tmp_path, arch):
     prompts, n = [r["prompt"] for r in rows], len(rows)
     gens = lambda k: [torch.Generator().manual_seed(100 + i) for i in range(k)]  # noqa: E731
     # pixels: the kit's PIL images against torchvision's transform, image by image
-    kit_imgs = [dpo_maths.load_pair_pixels(r, RES, 0, False, False) for r in rows]
+    kit_imgs = [batches.load_pair_pixels(r, RES, 0, False, False) for r in rows]
     tf, to_pixels = ref_train_transforms(RES), transforms.Compose(ref_train_transforms(RES).transforms[-2:])
     ref_w = [tf(Image.open(r["_image_w"]).convert("RGB")) for r in rows]
     ref_l = [tf(Image.open(r["_image_l"]).convert("RGB")) for r in rows]
@@ -173,7 +172,7 @@ def test_one_dpo_step_matches_the_reference(tmp_path, arch):
     pipe = models.load_pipeline(models.describe_model(path), cpu, torch.float32)
     m = ref_models(path, sdxl)
     assert pipe.vae.config.scaling_factor == m["vae"].config.scaling_factor == (0.13025 if sdxl else 0.18215)
-    kit_lat = dpo_maths.encode_images(pipe.vae, [p[0] for p in kit_imgs] + [p[1] for p in kit_imgs], cpu, sample_generator=gens(2 * n))
+    kit_lat = batches.encode_images(pipe.vae, [p[0] for p in kit_imgs] + [p[1] for p in kit_imgs], cpu, sample_generator=gens(2 * n))
     ref_lat = ref_latents(m, ref_w, ref_l, gens(2 * n))
     diffs = {"latents": max_diff(kit_lat, ref_lat)}
     assert torch.equal(kit_lat, ref_lat)  # the kit normalises as ToTensor + Normalize(0.5, 0.5) do, to the bit
@@ -184,8 +183,8 @@ def test_one_dpo_step_matches_the_reference(tmp_path, arch):
     policy, ref_unet = policy_and_reference(path)
     kit_unet, ref_path_unet, calls = copy.deepcopy(policy), copy.deepcopy(policy), []
     hooks = capture_unet_calls(kit_unet, calls)
-    out = dpo_maths.dpo_micro_batch(kit_unet, ref_unet, dpo_maths.forward_process(pipe.scheduler), kit_lat, noise[:n], t[:n],
-                                dpo_maths.encode_prompts(pipe, prompts, cpu), RES, BETA)
+    out = dpo.dpo_micro_batch(kit_unet, ref_unet, dpo.forward_process(pipe.scheduler), kit_lat, noise[:n], t[:n],
+                                batches.encode_prompts(pipe, prompts, cpu), RES, BETA)
     out.loss.backward()
     hooks += capture_unet_calls(ref_path_unet, calls)
     ref_loss = ref_dpo_step(m, ref_path_unet, ref_unet, ref_lat, prompts, noise, t, sdxl)
@@ -220,7 +219,7 @@ def test_flip_is_per_image_and_otherwise_identity(tmp_path):
     rows = pair_rows(tmp_path, sizes=[((40, 40), (40, 40))] * 80)
     flips = []
     for r in rows:
-        plain, flipped = ([np.asarray(x) for x in dpo_maths.load_pair_pixels(r, RES, 0, False, f)] for f in (False, True))
+        plain, flipped = ([np.asarray(x) for x in batches.load_pair_pixels(r, RES, 0, False, f)] for f in (False, True))
         for a, b in zip(plain, flipped):
             assert np.array_equal(a, b) != np.array_equal(a[:, ::-1], b), "each image is either itself or its mirror"
         flips.append([not np.array_equal(a, b) for a, b in zip(plain, flipped)])
@@ -247,15 +246,15 @@ def test_training_noise_does_not_depend_on_the_shipped_scheduler(tmp_path):
         (folder / "model_index.json").write_text(json.dumps(dict(index, scheduler=["diffusers", cls.__name__])))
         pipe = models.load_pipeline(models.describe_model(str(folder)), torch.device("cpu"), torch.float32)
         assert type(pipe.scheduler) is cls
-        fp = dpo_maths.forward_process(pipe.scheduler)
-        cond = dpo_maths.encode_prompts(pipe, ["a cat", ""], torch.device("cpu"))
+        fp = dpo.forward_process(pipe.scheduler)
+        cond = batches.encode_prompts(pipe, ["a cat", ""], torch.device("cpu"))
         with torch.no_grad():
-            results.append((fp.add_noise(x0, eps, t), dpo_maths.dpo_micro_batch(policy, ref_unet, fp, x0, eps[:2], t[:2], cond, RES, BETA).loss))
+            results.append((fp.add_noise(x0, eps, t), dpo.dpo_micro_batch(policy, ref_unet, fp, x0, eps[:2], t[:2], cond, RES, BETA).loss))
     for noisy, loss in results[1:]:
         assert torch.equal(noisy, results[0][0]) and torch.equal(loss, results[0][1])
     reference = DDPMScheduler.from_pretrained(src, subfolder="scheduler")  # train.py L478-479
     assert torch.equal(results[0][0], reference.add_noise(x0, eps, t))
     big, big_eps, t999 = torch.randn((2, 64, 4, 8, 8), generator=gen).unbind() + (torch.full((64,), 999),)
-    assert abs(dpo_maths.forward_process(EulerDiscreteScheduler.from_config(config)).add_noise(big, big_eps, t999).std() - 1) < 0.05
+    assert abs(dpo.forward_process(EulerDiscreteScheduler.from_config(config)).add_noise(big, big_eps, t999).std() - 1) < 0.05
     # what noising with SDXL's own sampler would give instead: x0 + sigma_999 eps, sigma_999 ~ 14.6
     assert EulerDiscreteScheduler.from_config(config).add_noise(big, big_eps, t999).std() > 10

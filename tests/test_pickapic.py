@@ -14,12 +14,11 @@ from PIL import Image
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from conftest import load_stage  # noqa: E402
-from run_files import (SailError, check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs,  # noqa: E402
-                       read_prompts)
-import seed_split  # noqa: E402
+from sail import importing
+from tools import prepare_pickapic
+from sail.common import SailError
+from sail.files import check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs, read_prompts
 
-pp = load_stage("prepare_pickapic")
 CORRUPT = ("train-00001-of-00002.parquet", 5)  # shard and row of the one bad jpg_1
 
 
@@ -94,8 +93,8 @@ def run(data, tmp_path, *extra, name="run"):
     root, _ = data
     argv = ["--parquet-dir", str(root / "pap"), "--run", str(tmp_path / name), "--seed-size", "20",
             "--pool-sizes", "5,8,8", "--val-pairs", "10", "--exclude-prompts", str(root / "eval.jsonl")]
-    args = pp.parse_args(argv + list(extra))
-    pp.main(args)
+    args = prepare_pickapic.parse_args(argv + list(extra))
+    prepare_pickapic.main(args)
     return tmp_path / name
 
 
@@ -121,7 +120,7 @@ def test_counts_ties_winners_and_corrupt_skip(data, tmp_path):
     pairs = read_pairs(out / "seed" / "pairs.jsonl")
     assert len(pairs) == truth["kept"] - 1 == st["seed"]["pairs_written"]
     for p in pairs:
-        assert p["source"] == "human" and p["prompt_id"] == seed_split.prompt_id(normalise_prompt(p["prompt"]))
+        assert p["source"] == "human" and p["prompt_id"] == importing.prompt_id(normalise_prompt(p["prompt"]))
         assert truth["win"][p["_image_w"].stem] and not truth["win"][p["_image_l"].stem]
         Image.open(p["_image_w"]).load()
     uids = {p["_image_w"].stem for p in pairs} | {p["_image_l"].stem for p in pairs}
@@ -146,11 +145,11 @@ def test_jpeg_bytes_kept_as_they_are(data, tmp_path):
 
 def test_seed_size_forms(data, tmp_path):
     _, truth = data
-    assert seed_split.seed_count("all", 100) == 100 and seed_split.seed_count("0.06", 1000) == 60
-    assert seed_split.seed_count("6%", 1000) == 60 and seed_split.seed_count("50000", 851293) == 50000
+    assert importing.seed_count("all", 100) == 100 and importing.seed_count("0.06", 1000) == 60
+    assert importing.seed_count("6%", 1000) == 60 and importing.seed_count("50000", 851293) == 50000
     for bad in ("0", "1.5", "lots", "101"):
         with pytest.raises(SailError, match="--seed-size"):
-            seed_split.seed_count(bad, 100)
+            importing.seed_count(bad, 100)
     for spec, want in (("12", 12), ("0.25", round(0.25 * truth["kept"]))):
         out = run(data, tmp_path, "--seed-size", spec, "--pool-sizes", "0", "--val-pairs", "0", name=f"s{spec}")
         st = stats(out)
@@ -175,7 +174,7 @@ def test_pool_prompts_unique_and_disjoint(data, tmp_path):
         assert not s & (seed | truth["eval_prompts"] | truth["test_prompts"] | truth["val_prompts"] | run_eval)
     for p in pools:
         for r in p:
-            assert r["prompt_id"] == seed_split.prompt_id(normalise_prompt(r["prompt"]))
+            assert r["prompt_id"] == importing.prompt_id(normalise_prompt(r["prompt"]))
     check_pools_disjoint(out)
     # whole prompts are drawn for the seed: each seed prompt brings all its pairs (but the last one's)
     counts = collections.Counter(normalise_prompt(r["prompt"]) for r in read_jsonl(out / "seed" / "pairs.jsonl"))

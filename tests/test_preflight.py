@@ -8,10 +8,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-import dpo_maths
-import run_files
-
-preflight = pytest.importorskip("preflight")
+from sail import common, dpo
+from tools import preflight
 
 
 def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
@@ -33,9 +31,9 @@ def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
 
 
 def test_check_stops_at_a_noising_that_is_not_ddpm(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dpo_maths, "forward_process", lambda scheduler: scheduler)  # the old bug: the shipped sampler noises
+    monkeypatch.setattr(dpo, "forward_process", lambda scheduler: scheduler)  # the old bug: the shipped sampler noises
     with pytest.raises(SystemExit) as exit_info:
-        run_files.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sdxl", "--out", str(tmp_path / "p")]))
+        common.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sdxl", "--out", str(tmp_path / "p")]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "preflight stopped at 'check configs and noising': training would noise with EulerDiscreteScheduler" in err
@@ -46,6 +44,6 @@ def test_check_does_not_replace_a_folder_of_another_kind(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep")
     with pytest.raises(SystemExit):
-        run_files.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
+        common.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
     assert "is not a preflight folder; not replacing it" in capsys.readouterr().err
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"

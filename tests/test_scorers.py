@@ -14,8 +14,9 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms import functional as TF
 
-import scorers
-from run_files import SailError, image_name
+from sail import common, imagereward, metrics, reports, scorers
+from sail.common import SailError
+from sail.files import image_name
 
 SIZES = [(512, 512), (1024, 1024), (640, 480), (300, 700), (37, 53)]  # (width, height)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -101,12 +102,12 @@ def imagereward_transform(n_px=224):
 
 @pytest.fixture(scope="module")
 def tiny_ir():
-    model = scorers.tiny_imagereward()
+    model = imagereward.tiny_imagereward()
     with torch.no_grad():  # spread the random weights so that a misplaced one shows
         gen = torch.Generator().manual_seed(1)
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return scorers.ImageReward(model=model, batch_size=2)
+    return imagereward.ImageReward(model=model, batch_size=2)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -205,14 +206,14 @@ def authors_checkpoint(vocab, dv=48, dt=32, depth=2, patch=32, ffn=64, seed=0):
 def test_blip_large_vit_is_what_imagereward_builds():
     # ImageReward.py: BLIP_Pretrain(image_size=224, vit='large'); blip.py create_vit: patch 16, width 1024, depth 24,
     # 16 heads; vit.py: mlp_ratio 4, LayerNorm eps 1e-6
-    assert scorers.BLIP_LARGE_VIT == dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+    assert imagereward.BLIP_LARGE_VIT == dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                           num_attention_heads=16, image_size=224, patch_size=16, layer_norm_eps=1e-6)
 
 
 def test_imagereward_loads_the_authors_checkpoint_and_scores_as_their_code(tmp_path, monkeypatch):
     from transformers import BertTokenizer
-    scorers.tiny_imagereward()  # writes its character vocabulary
-    (tmp_path / "vocab.txt").write_text((scorers.CACHE_DIR / "tiny-bert-tokenizer" / "vocab.txt").read_text())
+    imagereward.tiny_imagereward()  # writes its character vocabulary
+    (tmp_path / "vocab.txt").write_text((common.CACHE_DIR / "tiny-bert-tokenizer" / "vocab.txt").read_text())
     tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
     # ImageReward/models/BLIP/blip.py init_tokenizer (same commit), from a local vocabulary instead of bert-base-uncased
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
@@ -220,9 +221,9 @@ def test_imagereward_loads_the_authors_checkpoint_and_scores_as_their_code(tmp_p
     state, med, vit = authors_checkpoint(len(tokenizer))
     torch.save(state, tmp_path / "ImageReward.pt")
     (tmp_path / "med_config.json").write_text(json.dumps(med))
-    monkeypatch.setattr(scorers, "BLIP_LARGE_VIT", vit)  # a small ViT of the same code
+    monkeypatch.setattr(imagereward, "BLIP_LARGE_VIT", vit)  # a small ViT of the same code
     monkeypatch.setenv("SAIL_IMAGEREWARD_TOKENIZER_PATH", str(tmp_path))
-    scorer = scorers.load_scorer("imagereward", path=str(tmp_path), batch_size=2)
+    scorer = metrics.load_scorer("imagereward", path=str(tmp_path), batch_size=2)
     prompts = ["a red cube", "two dogs on a beach at sunset", "x", "a very long prompt " * 8, "Blue!"]
     images = [random_image(s, seed=i) for i, s in enumerate(SIZES)]
     want = []
@@ -245,21 +246,21 @@ def test_imagereward_checkpoint_missing_weights_is_refused():
     state, _, _ = authors_checkpoint(143, dv=32)
     del state["blip.visual_encoder.blocks.1.norm2.weight"]
     with pytest.raises(SailError, match="lacks 1 weights"):
-        scorers.load_imagereward_state(scorers.tiny_imagereward(), state)
+        imagereward.load_imagereward_state(imagereward.tiny_imagereward(), state)
 
 
 def test_imagereward_needs_no_extra_package_and_says_where_its_files_go(monkeypatch, tmp_path):
     import sys
     monkeypatch.setitem(sys.modules, "ImageReward", None)  # the image-reward package is not installed
-    scorers.check_metric("imagereward")
+    metrics.check_metric("imagereward")
     with pytest.raises(SailError, match="SAIL_IMAGEREWARD_PATH to a folder with ImageReward.pt and med_config.json"):
-        scorers.load_scorer("imagereward", path=str(tmp_path))
+        metrics.load_scorer("imagereward", path=str(tmp_path))
 
 
 def test_tiny_imagereward_metric_is_deterministic_and_batch_free():
     prompts, images = ["a red cube", "x", "two dogs"], [random_image(s, seed=i) for i, s in enumerate(SIZES[2:])]
-    first = scorers.load_scorer("tiny-imagereward", batch_size=1)(prompts, images)
-    np.testing.assert_allclose(first, scorers.load_scorer("tiny-imagereward", batch_size=3)(prompts, images), atol=1e-6)
+    first = metrics.load_scorer("tiny-imagereward", batch_size=1)(prompts, images)
+    np.testing.assert_allclose(first, metrics.load_scorer("tiny-imagereward", batch_size=3)(prompts, images), atol=1e-6)
     assert all(math.isfinite(v) for v in first)
 
 
@@ -337,12 +338,12 @@ def test_nan_score_is_an_error_naming_image_and_prompt():
 
 def test_nan_in_the_statistics_is_an_error_not_a_loss():
     with pytest.raises(SailError, match="not finite"):
-        scorers.paired([float("nan"), 1.0], [0.0, 0.0])
+        reports.paired([float("nan"), 1.0], [0.0, 0.0])
     with pytest.raises(SailError, match="not finite"):
-        scorers.pair_accuracy([0.5, float("nan")])
+        reports.pair_accuracy([0.5, float("nan")])
     values = {("bench", "m"): {"base": {"p0": 1.0, "p1": 2.0}, "iter_01": {"p0": 1.5, "p1": float("nan")}}}
     with pytest.raises(SailError, match=r"iter_01.*prompt 'p1'"):
-        scorers.compare(values, ["base", "iter_01"], "base", n_boot=10)
+        reports.compare(values, ["base", "iter_01"], "base", n_boot=10)
 
 
 def test_05_eval_names_the_image_file_of_a_nan_score(tmp_path):

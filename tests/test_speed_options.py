@@ -9,9 +9,8 @@ from conftest import load_stage
 from helpers import make_pairs, make_pool
 from PIL import Image
 
-import run_files
-import sail_models as models
-from dpo_maths import unet_call
+from sail import common, files, models
+from sail.dpo import unet_call
 
 generate = load_stage("01_generate")
 self_reward = load_stage("02_self_reward")
@@ -21,7 +20,7 @@ PLAIN_SPEED_UP = models.speed_up
 
 
 def run(stage, *argv):
-    run_files.run_stage(stage.locked_main, stage.build_parser().parse_args([str(a) for a in argv]))
+    common.run_stage(stage.locked_main, stage.build_parser().parse_args([str(a) for a in argv]))
 
 
 def unet_outputs(arch, **speed):
@@ -68,9 +67,9 @@ def test_generation_and_self_reward_equal_the_plain_path(tmp_path):
         out = tmp_path / name
         run(generate, "--ckpt", ckpt, "--pool", pool, "--num-candidates", 2, "--out", out, *flags)
         run(self_reward, "--ckpt", ckpt, "--dir", out, "--draws", 2, *flags)
-        gens = run_files.read_jsonl(out / "generations.jsonl")
+        gens = files.read_jsonl(out / "generations.jsonl")
         images = [np.asarray(Image.open(out / g["image"]), dtype=np.int16) for g in gens]
-        rewards = {(r["prompt_id"], r["index"]): r["reward"] for r in run_files.read_jsonl(out / "rewards.jsonl")}
+        rewards = {(r["prompt_id"], r["index"]): r["reward"] for r in files.read_jsonl(out / "rewards.jsonl")}
         results[name] = images, rewards
         assert json.loads((out / "self_reward.args.json").read_text())["fuse_qkv"] == (name == "fast")
     for plain, fast in zip(results["plain"][0], results["fast"][0]):

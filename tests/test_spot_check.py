@@ -9,34 +9,32 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_stage
 from PIL import Image
 from test_label import start_page
 
-import run_files
-import spot_check
-import toy_world
+from sail import common, files
+from tools import spot_check
+from toy import study_guard, world
 
-guard = load_stage("study_guard")
 RIGHT = {1: 8, 2: 6, 3: 2}  # of the 8 self pairs of iterations 1, 2, 3, this many have the oracle's winner as image_w
-CAPTIONS = toy_world.all_captions()[::97][:8]
+CAPTIONS = world.all_captions()[::97][:8]
 
 
 def picture(prompt, right):
     """The caption drawn as asked (right), or another shape in another colour in a corner (wrong)."""
-    want = toy_world.parse_caption(prompt)
+    want = world.parse_caption(prompt)
     if right:
-        x, y = toy_world.POSITIONS[want["position"]]
-        pixels = toy_world.render_clean(want["shape"], toy_world.COLOURS[want["colour"]], x, y, toy_world.SIZES[want["size"]])
+        x, y = world.POSITIONS[want["position"]]
+        pixels = world.render_clean(want["shape"], world.COLOURS[want["colour"]], x, y, world.SIZES[want["size"]])
     else:
         shape, colour = ("circle" if want["shape"] != "circle" else "square"), ("blue" if want["colour"] != "blue" else "red")
-        pixels = toy_world.render_clean(shape, toy_world.COLOURS[colour], 6, 26, toy_world.SIZES["small"])
+        pixels = world.render_clean(shape, world.COLOURS[colour], 6, 26, world.SIZES["small"])
     return Image.fromarray(pixels.astype(np.uint8))
 
 
 def fake_run(folder, rater_noise=0.0):
     for i, right in RIGHT.items():
-        iter_dir = folder / run_files.iteration_name(i)
+        iter_dir = folder / files.iteration_name(i)
         (iter_dir / "images").mkdir(parents=True)
         rows = []
         for j, prompt in enumerate(CAPTIONS):
@@ -45,10 +43,10 @@ def fake_run(folder, rater_noise=0.0):
             w, l = ("good", "bad") if j < right else ("bad", "good")
             rows.append(dict(prompt=prompt, prompt_id=f"p{j}", image_w=f"images/p{j}_{w}.png",
                              image_l=f"images/p{j}_{l}.png", source="self", p=0.9))
-        run_files.write_jsonl_atomic(iter_dir / "pairs.jsonl", rows)
-    run_files.write_json_atomic(folder / "toy_world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
-    run_files.write_json_atomic(folder / "eval" / "oracle_report.json", {
-        "base": dict(mean=0.2), **{run_files.iteration_name(i): dict(mean=0.3) for i in range(4)}})
+        files.write_jsonl_atomic(iter_dir / "pairs.jsonl", rows)
+    files.write_json_atomic(folder / "world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
+    files.write_json_atomic(folder / "eval" / "oracle_report.json", {
+        "base": dict(mean=0.2), **{files.iteration_name(i): dict(mean=0.3) for i in range(4)}})
     return folder
 
 
@@ -59,7 +57,7 @@ def check(run, it, *flags):
 
 def test_the_pictures_are_right_and_wrong():
     for prompt in CAPTIONS:
-        assert toy_world.oracle_score(prompt, picture(prompt, True)) > toy_world.oracle_score(prompt, picture(prompt, False)) + 0.3
+        assert world.oracle_score(prompt, picture(prompt, True)) > world.oracle_score(prompt, picture(prompt, False)) + 0.3
 
 
 @pytest.mark.parametrize("drop, stopped_before", [(0.15, 2), (0.3, 3), (0.8, None)])
@@ -77,9 +75,9 @@ def test_the_toy_human_and_the_rule(tmp_path, drop, stopped_before):
     assert record["reference"] == "iter_01"
     if stopped_before:
         assert record["stopped_before"] == f"iter_{stopped_before:02d}"
-        assert record["keep"] == str(run_files.checkpoint_dir(run, stopped_before - 1))
+        assert record["keep"] == str(files.checkpoint_dir(run, stopped_before - 1))
     # the loop's decision is the one study_guard.py replays on finished runs
-    replayed = guard.spot_check_keeps(guard.load_run(run), 0, "drop", drop, np.random.default_rng(0))
+    replayed = study_guard.spot_check_keeps(study_guard.load_run(run), 0, "drop", drop, np.random.default_rng(0))
     assert replayed == (stopped_before - 1 if stopped_before else 3)
     judged = [json.loads(line) for line in (run / "eval" / "spot" / "iter_01" / "judgements.jsonl").read_text().splitlines()]
     assert len(judged) == 8 and {j["labeller"] for j in judged} == {"toy-rater"}
@@ -122,17 +120,17 @@ def test_settings_trained_iterations_and_bad_pairs(tmp_path):
     assert check(run, 1, "--pairs", "4") == 0  # finished: found, not labelled again
     args_file = run / "eval" / "spot" / "iter_01" / "spot.args.json"
     before = args_file.read_text()
-    with pytest.raises(run_files.SailError, match=r"pairs = 4.*pairs = 6"):
+    with pytest.raises(common.SailError, match=r"pairs = 4.*pairs = 6"):
         check(run, 1, "--pairs", "6")
     assert args_file.read_text() == before  # the refused arguments are not written
     (run / "iter_02" / "ckpt").mkdir()
     (run / "iter_02" / "ckpt" / "sail.json").write_text("{}")
     assert check(run, 2) == 0 and not (run / "eval" / "spot" / "iter_02" / "judgements.jsonl").exists()
-    rows = run_files.read_jsonl(run / "iter_03" / "pairs.jsonl")
+    rows = files.read_jsonl(run / "iter_03" / "pairs.jsonl")
     shutil.copy(run / "iter_03" / "images" / "p0_good.png", run / "elsewhere.png")
     rows[0]["image_w"] = "../elsewhere.png"
-    run_files.write_jsonl_atomic(run / "iter_03" / "pairs.jsonl", [run_files.strip_private(r) for r in rows])
-    with pytest.raises(run_files.SailError, match=r"iter_03/pairs.jsonl:1: image_w ../elsewhere.png is not in"):
+    files.write_jsonl_atomic(run / "iter_03" / "pairs.jsonl", [files.strip_private(r) for r in rows])
+    with pytest.raises(common.SailError, match=r"iter_03/pairs.jsonl:1: image_w ../elsewhere.png is not in"):
         check(run, 3, "--pairs", "0")
 
 
@@ -140,12 +138,12 @@ def test_the_page_waits_for_the_human_and_continues_after_a_kill(tmp_path):
     """A real process serving the pairs; the test is the human, preferring what the oracle prefers, except on
     one pair it calls a tie; killed with SIGKILL after two judgements, then started again."""
     run = fake_run(tmp_path / "run")
-    command = [sys.executable, str(ROOT / "spot_check.py"), "--run", str(run), "--iter", "2", "--pairs", "0",
+    command = [sys.executable, "-m", "tools.spot_check", "--run", str(run), "--iter", "2", "--pairs", "0",
                "--port", "0"]
 
     def judge(client, answer):
         pair = answer["pair"]
-        a, b = (toy_world.oracle_score(pair["prompt"], Image.open(run / "iter_02" / pair[side])) for side in ("image_a", "image_b"))
+        a, b = (world.oracle_score(pair["prompt"], Image.open(run / "iter_02" / pair[side])) for side in ("image_a", "image_b"))
         choice = "tie" if pair["prompt_id"] == "p0" else "a" if a > b else "b"
         return client.post("/api/judge", {"name": "dora", "pair": pair["id"], "choice": choice})[1]
 

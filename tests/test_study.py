@@ -5,9 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_stage
+from toy import study
 
-study = load_stage("study_toy")
 
 
 def fake_seed(seed, shift):
@@ -70,7 +69,7 @@ def test_quick_study_on_tiny_models(tmp_path):
     """Every stage of the study on one seed with tiny random models: the files and the numbers'
     plumbing, not the numbers (random weights learn nothing)."""
     out = tmp_path / "study"
-    cmd = [sys.executable, str(ROOT / "study_toy.py"), "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0"]
+    cmd = [sys.executable, "-m", "toy.study", "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = out / "seed_0"

@@ -1,5 +1,5 @@
 """study_long.py: the long runs' commands, per-iteration measures, diversity, the drift guard's choices,
-table and plot; slow: the whole study on tiny models."""
+table and plot; slow: the whole study_long on tiny models."""
 import json
 import subprocess
 import sys
@@ -7,29 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_stage
 from PIL import Image
 
-import toy_world
+from toy import study_long, world
 
-study = load_stage("study_long")
 
 
 def picture(shape="circle", colour="red", xy=(16, 16), r=6.5):
-    return toy_world.render_clean(shape, toy_world.COLOURS[colour], *xy, r)
+    return world.render_clean(shape, world.COLOURS[colour], *xy, r)
 
 
 def test_diversity_in_pixels_and_attributes():
     red, green = picture(), picture(colour="green")
-    assert toy_world.diversity([red, red]) == dict(pixels=0.0, attributes=0.0)
-    assert toy_world.diversity([red, green])["attributes"] == 0.25  # only the colour differs
+    assert world.diversity([red, red]) == dict(pixels=0.0, attributes=0.0)
+    assert world.diversity([red, green])["attributes"] == 0.25  # only the colour differs
     small_square = picture("square", xy=(10, 10), r=4.0)  # shape, size and position differ
-    assert toy_world.diversity([red, small_square])["attributes"] == 0.75
-    three = toy_world.diversity([red, green, small_square])
+    assert world.diversity([red, small_square])["attributes"] == 0.75
+    three = world.diversity([red, green, small_square])
     assert three["attributes"] == pytest.approx((0.25 + 0.75 + 1.0) / 3)
     rms = np.sqrt(np.mean((red - green) ** 2)) / 255
-    assert toy_world.diversity([red, green])["pixels"] == pytest.approx(rms) and rms > 0.1
-    assert toy_world.diversity([red]) == dict(pixels=0.0, attributes=0.0)
+    assert world.diversity([red, green])["pixels"] == pytest.approx(rms) and rms > 0.1
+    assert world.diversity([red]) == dict(pixels=0.0, attributes=0.0)
 
 
 def test_every_share_gets_its_run_with_the_guard(tmp_path, monkeypatch):
@@ -38,12 +36,12 @@ def test_every_share_gets_its_run_with_the_guard(tmp_path, monkeypatch):
     def record(self, name, *cmd, extra_env=None):
         calls.append(([str(c) for c in cmd], extra_env or {}))
 
-    monkeypatch.setattr(study.StageLog, "__call__", record)
-    monkeypatch.setattr(study, "share_seed_data", lambda run, folder: calls.append((["share", str(folder)], {})))
-    monkeypatch.setattr(study, "measure_run", lambda folder, t: fake_measures(0.0))
-    args = study.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "3", "--human-shares", "0", "0.25",
+    monkeypatch.setattr(study_long.StageLog, "__call__", record)
+    monkeypatch.setattr(study_long, "share_seed_data", lambda run, folder: calls.append((["share", str(folder)], {})))
+    monkeypatch.setattr(study_long, "measure_run", lambda folder, t: fake_measures(0.0))
+    args = study_long.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "3", "--human-shares", "0", "0.25",
                                             "--rater-noise", "0.15"])
-    result = study.run_seed(args, 3, dict(data="", steps=None, draws=10, images_per_prompt=4, heldout=128))
+    result = study_long.run_seed(args, 3, dict(data="", steps=None, draws=10, images_per_prompt=4, heldout=128))
     data = calls[0][0]
     assert data[data.index("--val-pairs") + 1] == "500" and data[data.index("--n-pools") + 1] == "6"
     assert data[data.index("--rater-noise") + 1] == "0.15"
@@ -57,12 +55,12 @@ def test_every_share_gets_its_run_with_the_guard(tmp_path, monkeypatch):
 
 def test_extra_flags_reach_the_data_and_the_training(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(study.StageLog, "__call__", lambda self, name, *cmd, extra_env=None: calls.append((cmd, extra_env or {})))
-    monkeypatch.setattr(study, "share_seed_data", lambda run, folder: None)
-    monkeypatch.setattr(study, "measure_run", lambda folder, t: fake_measures(0.0))
-    args = study.build_parser().parse_args(["--out", str(tmp_path), "--human-shares", "0.25", "--val-pairs", "0",
+    monkeypatch.setattr(study_long.StageLog, "__call__", lambda self, name, *cmd, extra_env=None: calls.append((cmd, extra_env or {})))
+    monkeypatch.setattr(study_long, "share_seed_data", lambda run, folder: None)
+    monkeypatch.setattr(study_long, "measure_run", lambda folder, t: fake_measures(0.0))
+    args = study_long.build_parser().parse_args(["--out", str(tmp_path), "--human-shares", "0.25", "--val-pairs", "0",
                                             "--data-args=--pool-size 128 --n-universe 288", "--train-args=--lr 1e-5 --max-steps 30"])
-    study.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4, heldout=128))
+    study_long.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4, heldout=128))
     data = [str(c) for c in calls[0][0]]
     assert data[data.index("--pool-size") + 1] == "128" and data[data.index("--n-universe") + 1] == "288"
     assert data[data.index("--val-pairs") + 1] == "0"
@@ -100,7 +98,7 @@ def fake_run(folder, iterations=2):
 
 def test_measures_of_a_run(tmp_path):
     fake_run(tmp_path)
-    m = study.measure_run(tmp_path, 2)
+    m = study_long.measure_run(tmp_path, 2)
     assert m["mean"] == pytest.approx([0.26, 0.27, 0.28]) and m["heldout_accuracy"] == pytest.approx([0.8, 0.79, 0.78])
     assert m["confident"] == [None, 0.5, 0.5] and m["self_agreement"] == [None, 0.9, 0.9]
     assert m["diversity_attributes"] == [0.25, 0.25, 0.25] and m["base"]["diversity_attributes"] == 0.0
@@ -111,16 +109,16 @@ def test_measures_of_a_run(tmp_path):
     report = json.loads(first_report)
     report["iter_02"]["mean"] = 0.4
     report_path.write_text(json.dumps(report))
-    assert study.measure_run(tmp_path, 2)["mean"][2] == 0.4  # a new report (the run went on): measured again
+    assert study_long.measure_run(tmp_path, 2)["mean"][2] == 0.4  # a new report (the run went on): measured again
     report_path.write_text(first_report)
-    assert study.measure_run(tmp_path, 2) == m
+    assert study_long.measure_run(tmp_path, 2) == m
     for image in tmp_path.glob("**/*.png"):
         image.unlink()
-    assert study.measure_run(tmp_path, 2) == m  # cached in eval/long.json: the images are not read again
+    assert study_long.measure_run(tmp_path, 2) == m  # cached in eval/long.json: the images are not read again
 
 
 def fake_measures(shift, accuracy=(0.85, 0.85, 0.84), scores=(0.27, 0.30, 0.28)):
-    m = {k: [0.1 + shift] * 3 for k in study.MEASURES}
+    m = {k: [0.1 + shift] * 3 for k in study_long.MEASURES}
     m.update(heldout_accuracy=list(accuracy), mean=[None if s is None else s + shift for s in scores], confident=[None, 1.0, 1.0])
     m["base"] = dict(mean=0.26, prompt=0.23, taste=0.29, diversity_pixels=0.24, diversity_attributes=0.64)
     return m
@@ -133,7 +131,7 @@ def fake_measures(shift, accuracy=(0.85, 0.85, 0.84), scores=(0.27, 0.30, 0.28))
     ((0.86, 0.83, 0.86), 2, 1, 0),      # stops after a dip the full run would have seen recover
 ])
 def test_guard_choice(accuracy, best, stopped_after, keeps):
-    g = study.guard_choice(fake_measures(0.0, accuracy), 0.02)
+    g = study_long.guard_choice(fake_measures(0.0, accuracy), 0.02)
     assert (g["best"], g["stopped_after"], g["stop_keeps"], g["peak"]) == (best, stopped_after, keeps, 1)
     scores = (0.27, 0.30, 0.28)
     assert g["best_loss"] == pytest.approx(0.30 - scores[best]) and g["stop_loss"] == pytest.approx(0.30 - scores[keeps])
@@ -142,40 +140,40 @@ def test_guard_choice(accuracy, best, stopped_after, keeps):
 
 def test_guard_choice_skips_unfinished_iterations():
     m = fake_measures(0.0, (0.85, 0.85, None), (0.27, 0.30, None))
-    assert study.guard_choice(m, 0.02)["best"] == 1
+    assert study_long.guard_choice(m, 0.02)["best"] == 1
 
 
 def test_table_and_plot(tmp_path):
     per_seed = [dict(seed=s, runs={"human_0": fake_measures(shift), "human_0.25": fake_measures(shift)})
                 for s, shift in ((2, 0.0), (3, 0.02))]
     for s in per_seed:
-        s["guard"] = {n: study.guard_choice(r, 0.02) for n, r in s["runs"].items()}
-    table = study.summarize(per_seed)
+        s["guard"] = {n: study_long.guard_choice(r, 0.02) for n, r in s["runs"].items()}
+    table = study_long.summarize(per_seed)
     mean, sd, values = table["human_0"]["mean"][1]
     assert values == pytest.approx([0.30, 0.32]) and mean == pytest.approx(0.31)
-    text = study.markdown(table, per_seed, 0.02)
+    text = study_long.markdown(table, per_seed, 0.02)
     assert "### 0.25 human pairs in the mix" in text and "data seeds 2, 3" in text
     assert "| 1 | 0.310 ± 0.014 |" in text and "Of 4 runs, the guard's best is the oracle's peak in 0" in text
-    assert study.plot(table, tmp_path / "long.png", "title")
+    assert study_long.plot(table, tmp_path / "long.png", "title")
     assert (tmp_path / "long.png").stat().st_size > 10_000
 
 
 def test_runs_without_held_out_pairs_have_no_guard(tmp_path):
     fake_run(tmp_path)
     (tmp_path / "eval" / "guard" / "guard.json").unlink()
-    m = study.measure_run(tmp_path, 2)
+    m = study_long.measure_run(tmp_path, 2)
     assert m["heldout_accuracy"] == [None, None, None] and m["mean"] == pytest.approx([0.26, 0.27, 0.28])
-    assert study.guard_choice(m, 0.02) is None
+    assert study_long.guard_choice(m, 0.02) is None
     per_seed = [dict(seed=2, runs={"human_0.25": m}, guard={"human_0.25": None})]
-    text = study.markdown(study.summarize(per_seed), per_seed, 0.02)
+    text = study_long.markdown(study_long.summarize(per_seed), per_seed, 0.02)
     assert "| 2 | 0.280 ± 0.000 |" in text and "drift guard" not in text
 
 
 def fake_study(folder, shift, data_args, train_args, steps, pairs):
-    """A finished study output: long.json and long.args.json, and each run's train.args.json."""
+    """A finished study_long output: long.json and long.args.json, and each run's train.args.json."""
     per_seed = [dict(seed=s, runs={"human_0.25": fake_measures(shift + 0.01 * s)}) for s in (0, 1)]
     folder.mkdir()
-    (folder / "long.json").write_text(json.dumps(dict(summary=study.summarize(per_seed), per_seed=per_seed)))
+    (folder / "long.json").write_text(json.dumps(dict(summary=study_long.summarize(per_seed), per_seed=per_seed)))
     (folder / "long.args.json").write_text(json.dumps(dict(data_args=data_args, train_args=train_args)))
     for s in (0, 1):
         for i in range(3):
@@ -187,9 +185,9 @@ def fake_study(folder, shift, data_args, train_args, steps, pairs):
 def test_compare_settings(tmp_path):
     fake_study(tmp_path / "steps300", 0.0, "", "", 300, 85)
     fake_study(tmp_path / "steps30", 0.05, "--pool-size 128", "--lr 1e-5 --max-steps 30", 30, 170)
-    args = study.build_parser().parse_args(["--out", str(tmp_path / "out"), "--compare", str(tmp_path / "steps300"),
+    args = study_long.build_parser().parse_args(["--out", str(tmp_path / "out"), "--compare", str(tmp_path / "steps300"),
                                             str(tmp_path / "steps30")])
-    study.main(args)
+    study_long.main(args)
     text = (tmp_path / "out" / "compare.md").read_text()
     assert "- steps30: data seeds 0, 1; toy.py data --pool-size 128; 00/04 --lr 1e-5 --max-steps 30" in text
     assert "- steps300: data seeds 0, 1; toy.py data (defaults); 00/04 (the toy preset: 300 steps of 32 pairs at lr 1e-06)" in text
@@ -198,15 +196,15 @@ def test_compare_settings(tmp_path):
     assert "0.355 ± 0.007" not in text and "| steps30, 0.25 human | 1 | 170 | 6 | +0.155 ± 0.007 |" in text
     assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
     args.compare.append(tmp_path / "unfinished")
-    with pytest.raises(study.run_files.SailError, match="unfinished/long.json not found"):
-        study.main(args)
+    with pytest.raises(study_long.run_files.SailError, match="unfinished/long.json not found"):
+        study_long.main(args)
 
 
 @pytest.mark.slow
 def test_long_study_on_tiny_models(tmp_path):
     """The study's stages on tiny random models (about 5 minutes): three shares, the guard each iteration."""
     out = tmp_path / "long"
-    cmd = [sys.executable, str(ROOT / "study_long.py"), "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
+    cmd = [sys.executable, "-m", "toy.study_long", "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
            "--iterations", "2", "--share-jobs", "3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

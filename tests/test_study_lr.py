@@ -1,4 +1,4 @@
-"""study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole sweep on tiny models."""
+"""study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole study_lr on tiny models."""
 import argparse
 import collections
 import json
@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_stage
+from toy import study_lr
 
-sweep = load_stage("study_lr")
 
 
 def test_dpo_setting_reads_lr_and_steps():
-    assert sweep.dpo_setting("3e-5:300") == (3e-5, 300)
+    assert study_lr.dpo_setting("3e-5:300") == (3e-5, 300)
     for bad in ("3e-5", "3e-5:x", "a:300"):
         with pytest.raises(argparse.ArgumentTypeError, match="LR:STEPS"):
-            sweep.dpo_setting(bad)
+            study_lr.dpo_setting(bad)
 
 
 def fake_report(path, shift):
@@ -38,13 +37,13 @@ def test_every_run_gets_its_lr_and_steps(tmp_path, monkeypatch):
         if "report" in cmd:
             fake_report(Path(cmd[cmd.index("--run") + 1]), 0.0)
 
-    monkeypatch.setattr(sweep.StageLog, "__call__", record)
-    monkeypatch.setattr(sweep, "share_seed_data", lambda run, folder: None)
-    args = sweep.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "--dpo", "1e-6:300", "3e-5:900",
+    monkeypatch.setattr(study_lr.StageLog, "__call__", record)
+    monkeypatch.setattr(study_lr, "share_seed_data", lambda run, folder: None)
+    args = study_lr.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "--dpo", "1e-6:300", "3e-5:900",
                                             "--sail-lrs", "3e-6"])
     args.out = tmp_path
     seed_dir = tmp_path / "seed_0"
-    result = sweep.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4))
+    result = study_lr.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4))
     dpo = {c[1][c[1].index("--out") + 1]: c[1] for c in calls if "04_train.py" in c[1]}
     assert set(dpo) == {str(seed_dir / "dpo_lr1e-06_300" / "ckpt"), str(seed_dir / "dpo_lr3e-05_900" / "ckpt")}
     late = dpo[str(seed_dir / "dpo_lr3e-05_900" / "ckpt")]
@@ -64,14 +63,14 @@ def test_the_labels_come_from_the_chosen_rater(tmp_path, monkeypatch, flags, exp
         if "report" in cmd:
             fake_report(Path(cmd[cmd.index("--run") + 1]), 0.0)
 
-    monkeypatch.setattr(sweep.StageLog, "__call__", record)
-    args = sweep.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "--dpo", "--sail-lrs", *flags])
+    monkeypatch.setattr(study_lr.StageLog, "__call__", record)
+    args = study_lr.build_parser().parse_args(["--out", str(tmp_path), "--seeds", "0", "--dpo", "--sail-lrs", *flags])
     args.out = tmp_path
-    sweep.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4))
+    study_lr.run_seed(args, 0, dict(data="", steps=None, draws=10, images_per_prompt=4))
     (data,) = [c for c in calls if "--all-labels" in c]
     assert (data[data.index("--rater-noise") + 1] if "--rater-noise" in data else None) == expected
     table = collections.defaultdict(lambda: dict(mean=None))
-    assert ("noisy rater at T = 0.2" in sweep.markdown(args, table, [dict(seed=0, sail_steps=300)])) == bool(expected)
+    assert ("noisy rater at T = 0.2" in study_lr.markdown(args, table, [dict(seed=0, sail_steps=300)])) == bool(expected)
 
 
 def test_sail_runs_share_the_seed_data(tmp_path):
@@ -85,17 +84,17 @@ def test_sail_runs_share_the_seed_data(tmp_path):
     (run / "val" / "images").mkdir(parents=True)
     (run / "val" / "images" / "v.png").write_text("v")
     (run / "val" / "pairs.jsonl").write_text(json.dumps(dict(prompt="q", image_w="images/v.png", image_l="images/v.png")) + "\n")
-    sweep.share_seed_data(run, folder)
+    study_lr.share_seed_data(run, folder)
     assert sorted(p.name for p in (folder / "seed" / "images").iterdir()) == ["a.png", "b.png"]  # only the seed's images
     assert (folder / "val" / "images" / "v.png").stat().st_ino == (run / "val" / "images" / "v.png").stat().st_ino
     assert (folder / "val" / "pairs.jsonl").read_text() == (run / "val" / "pairs.jsonl").read_text()  # the drift guard's pairs
     assert (folder / "pools" / "iter_01.jsonl").stat().st_ino == (run / "pools" / "iter_01.jsonl").stat().st_ino
     assert json.loads((folder / "seed" / "pairs.jsonl").read_text()) == json.loads((run / "seed" / "pairs.jsonl").read_text())
-    sweep.share_seed_data(run, folder)  # finished: nothing to do
+    study_lr.share_seed_data(run, folder)  # finished: nothing to do
 
 
 def test_table_and_plot(tmp_path):
-    args = sweep.build_parser().parse_args(["--dpo", "1e-6:300", "3e-5:300", "3e-5:900", "--sail-lrs", "1e-6"])
+    args = study_lr.build_parser().parse_args(["--dpo", "1e-6:300", "3e-5:300", "3e-5:900", "--sail-lrs", "1e-6"])
     per_seed = []
     for seed, shift in ((0, 0.0), (1, 0.02)):
         for path in (tmp_path / f"s{seed}", tmp_path / f"s{seed}" / "sail_lr1e-06"):
@@ -104,15 +103,15 @@ def test_table_and_plot(tmp_path):
         oracle.update({f"sail_lr1e-06/{k}": v for k, v in
                        json.loads((tmp_path / f"s{seed}" / "sail_lr1e-06" / "eval" / "oracle_report.json").read_text()).items()})
         per_seed.append(dict(seed=seed, oracle=oracle, sail_steps=300))
-    table = sweep.summarize(args, per_seed)
+    table = study_lr.summarize(args, per_seed)
     mean, sd, values = table["dpo_lr3e-05_900"]["delta"]
     assert values == pytest.approx([0.03, 0.05]) and mean == pytest.approx(0.04)
-    text = sweep.markdown(args, table, per_seed)
+    text = study_lr.markdown(args, table, per_seed)
     lines = [line for line in text.splitlines() if line.startswith("| DPO")]
     assert [line.split(" | ")[1:3] for line in lines] == [["1e-06", "300"], ["3e-05", "300"], ["3e-05", "900"]]
     assert "+0.040 ± 0.014 (+0.030 / +0.050)" in lines[2]
     assert "| SAIL iteration 2 | 1e-06 |" in text and "data seeds 0, 1" in text
-    assert sweep.plot(args, table, tmp_path / "lr.png")
+    assert study_lr.plot(args, table, tmp_path / "lr.png")
     assert (tmp_path / "lr.png").stat().st_size > 10_000
 
 
@@ -120,7 +119,7 @@ def test_table_and_plot(tmp_path):
 def test_lr_sweep_on_tiny_models(tmp_path):
     """The sweep's stages on tiny random models (about 2 minutes): each model trained at its lr."""
     out = tmp_path / "lr"
-    cmd = [sys.executable, str(ROOT / "study_lr.py"), "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
+    cmd = [sys.executable, "-m", "toy.study_lr", "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
            "--dpo", "1e-4:2", "3e-4:2", "--sail-lrs", "1e-4", "--iterations", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -6,20 +6,20 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, load_stage
 from helpers import make_pairs
 
-import run_files
-import sail_models as models
+from sail import common, models
 
 train = load_stage("04_train")
 
 
 def run_train(*argv):
-    run_files.run_stage(train.locked_main, train.build_parser().parse_args([str(a) for a in argv]))
+    common.run_stage(train.locked_main, train.build_parser().parse_args([str(a) for a in argv]))
 
 
 def unet_state(ckpt):
@@ -178,7 +178,7 @@ def test_training_does_not_depend_on_the_sampler_a_model_folder_ships(tmp_path):
     tests/test_parity_train.py)."""
     import shutil
     base = models.resolve_model_path("tiny:sdxl")
-    config = json.loads((run_files.Path(base) / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads((Path(base) / "scheduler" / "scheduler_config.json").read_text())
     assert config["_class_name"] == "EulerDiscreteScheduler"  # as released
     pairs = make_pairs(tmp_path / "seed", n=4)
     weights = {}

@@ -13,9 +13,7 @@ from helpers import make_pairs
 from PIL import Image
 from test_train import run_train, unet_state
 
-import run_files
-import sail_models as models
-import train_tools as tools
+from sail import batches, common, files, models, training
 
 CONFIGS = {"accelerate_fsdp_sdxl_8gpu.yaml": "FSDP", "accelerate_deepspeed_zero2_sdxl_8gpu.yaml": "DEEPSPEED"}
 
@@ -40,17 +38,17 @@ def test_tracker_and_validation_images_leave_the_training_unchanged(tmp_path):
     log_rows = [json.loads(x) for x in (folder / "ckpt" / "train_log.jsonl").read_text().splitlines()]
     assert {"grad_norm", "peak_ram_gib", "pairs_per_s", "lr"} <= set(log_rows[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(folder / run_files.TRACKER_DIR / tools.TRACKER_PROJECT), size_guidance={"images": 0})
+    events = EventAccumulator(str(folder / files.TRACKER_DIR / training.TRACKER_PROJECT), size_guidance={"images": 0})
     events.Reload()
     assert {"loss", "implicit_acc", "reward_margin", "lr", "grad_norm", "pairs_per_s", "peak_ram_gib"} <= set(events.Tags()["scalars"])
     assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in log_rows]
     assert [e.step for e in events.Images("validation")] == [0, 1, 2]
 
-    grid = folder / run_files.VALIDATION_DIR / "grid.png"
+    grid = folder / files.VALIDATION_DIR / "grid.png"
     assert Image.open(grid).size == (3 * 32, 3 * 32)  # columns: start, step 1, step 2; rows: 3 prompts
     assert json.loads(grid.with_name("grid.json").read_text())["columns"] == ["start", "step 1", "step 2"]
-    start = Image.open(folder / run_files.VALIDATION_DIR / "step-000000" / "000.png")
-    assert start.size == (32, 32) and start.tobytes() != Image.open(folder / run_files.VALIDATION_DIR / "step-000002" / "000.png").tobytes()
+    start = Image.open(folder / files.VALIDATION_DIR / "step-000000" / "000.png")
+    assert start.size == (32, 32) and start.tobytes() != Image.open(folder / files.VALIDATION_DIR / "step-000002" / "000.png").tobytes()
 
 
 @pytest.mark.parametrize("flag, value, package", [("--report-to", "tensorboard", "tensorboard"), ("--report-to", "wandb", "wandb"),
@@ -66,17 +64,17 @@ def test_a_missing_optional_package_stops_with_what_to_install(tmp_path, capsys,
 
 
 def test_micro_batches_divide_the_pairs_of_a_process():
-    assert tools.micro_batch(4, 8) == 4 and tools.micro_batch(3, 8) == 2 and tools.micro_batch(5, 6) == 3
-    assert tools.micro_batch(16, 8) == 8 and tools.micro_batch(1, 7) == 1
+    assert training.micro_batch(4, 8) == 4 and training.micro_batch(3, 8) == 2 and training.micro_batch(5, 6) == 3
+    assert training.micro_batch(16, 8) == 8 and training.micro_batch(1, 7) == 1
 
 
 def test_accumulation_set_by_accelerate_config_must_agree(monkeypatch):
     from accelerate import Accelerator
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
     accelerator = Accelerator(cpu=True)
-    with pytest.raises(run_files.SailError, match="gradient_accumulation_steps 3, but .* make 2 micro batches"):
-        tools.configure_accumulation(accelerator, 2, 4, 1.0)
-    tools.configure_accumulation(accelerator, 3, 4, 1.0)
+    with pytest.raises(common.SailError, match="gradient_accumulation_steps 3, but .* make 2 micro batches"):
+        training.configure_accumulation(accelerator, 2, 4, 1.0)
+    training.configure_accumulation(accelerator, 3, 4, 1.0)
     assert accelerator.gradient_accumulation_steps == 3
 
 
@@ -86,13 +84,13 @@ def test_mixed_precision_of_an_accelerate_config(monkeypatch, env, expected):
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     else:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
-    assert tools.mixed_precision_from_accelerate() == expected
+    assert training.mixed_precision_from_accelerate() == expected
 
 
 def test_latent_cache_keeps_only_what_comes_back():
-    one_epoch = tools.LatentCache(tools.future_uses(list(range(8)), 0, 2, 4, 0, 1), max_bytes=2**30)
-    two_epochs = tools.LatentCache(tools.future_uses(list(range(4)) * 2, 0, 2, 4, 0, 1), max_bytes=2**30)
-    small = tools.LatentCache(tools.future_uses(list(range(4)) * 2, 0, 2, 4, 0, 1), max_bytes=2 * 64 * 4)
+    one_epoch = batches.LatentCache(batches.future_uses(list(range(8)), 0, 2, 4, 0, 1), max_bytes=2**30)
+    two_epochs = batches.LatentCache(batches.future_uses(list(range(4)) * 2, 0, 2, 4, 0, 1), max_bytes=2**30)
+    small = batches.LatentCache(batches.future_uses(list(range(4)) * 2, 0, 2, 4, 0, 1), max_bytes=2 * 64 * 4)
     latents = torch.ones(2, 4, 4, 4)  # 512 bytes
     for cache in (one_epoch, two_epochs, small):
         for i in range(4):
@@ -102,7 +100,7 @@ def test_latent_cache_keeps_only_what_comes_back():
         two_epochs.used(i, two_epochs.get(i))
     assert two_epochs.store == {} and two_epochs.nbytes == 0  # dropped after their last use
     # two processes: each counts the pairs it trains on
-    assert tools.future_uses(list(range(8)), 1, 2, 4, 1, 2) == [5, 7]
+    assert batches.future_uses(list(range(8)), 1, 2, 4, 1, 2) == [5, 7]
 
 
 MEMORY_SCRIPT = """
@@ -122,7 +120,7 @@ def cheap_step(unet, ref_unet, scheduler, latents, *args, **kwargs):  # the data
     return dpo_maths.DPOOutput(loss, zero, zero, zero, zero, zero, zero)
 
 dpo_maths.encode_images, dpo_maths.dpo_micro_batch = big_latents, cheap_step
-run_files.run_stage(train.locked_main, train.build_parser().parse_args(sys.argv[1:]))
+common.run_stage(train.locked_main, train.build_parser().parse_args(sys.argv[1:]))
 """
 
 
@@ -200,5 +198,5 @@ def test_two_processes_with_validation_images_and_states_match_one(tmp_path):
     assert change > 1e-5 and gap < 1e-3 * change
     for step in ("000000", "000002", "000003"):
         for i in range(2):
-            a, b = (Image.open(tmp_path / f"p{n}" / run_files.VALIDATION_DIR / f"step-{step}" / f"{i:03d}.png") for n in (1, 2))
+            a, b = (Image.open(tmp_path / f"p{n}" / files.VALIDATION_DIR / f"step-{step}" / f"{i:03d}.png") for n in (1, 2))
             assert max(abs(x - y) for x, y in zip(a.tobytes(), b.tobytes())) <= 1

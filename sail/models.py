@@ -1,0 +1,202 @@
+"""TODO sail.models"""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from sail.common import SailError
+from sail.files import relative_to, write_json_atomic
+from sail.common import CACHE_DIR
+from sail.settings import PRESETS, get_preset
+from sail.tiny import build_tiny_pipeline, tiny_model_dir
+
+
+TOY_BASE_NAME = "toy-base-v1"  # the toy world's base model, CACHE_DIR/TOY_BASE_NAME, made by toy_base.py
+
+
+def pick_device(name=None):
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def process_state():
+    """accelerate's view of this process (rank, world size, device). Under torchrun or
+    `accelerate launch` on a machine without CUDA, the processes talk over gloo."""
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def torch_dtype(name):
+    table = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise SailError(f"unknown precision '{name}'; choose one of: {', '.join(table)}")
+    return table[name]
+
+
+def inference_dtype(device, mixed_precision):
+    """Frozen models run in half precision on a GPU, in float32 on the CPU."""
+    return torch.float32 if device.type == "cpu" else torch_dtype(mixed_precision if mixed_precision != "no" else "fp32")
+
+
+def model_setting(spec, folder):
+    """A model as a recorded setting: a path relative to `folder` where it is a folder (so a moved run
+    folder still matches), else its name (a preset or hub id)."""
+    return relative_to(spec, folder) if Path(spec).exists() else str(spec)
+
+
+def resolve_model_path(model):
+    """A preset's model name -> something from_pretrained accepts. Kit-built models are made
+    (deterministically) on first use under $SAIL_CACHE."""
+    if model in ("tiny:sd15", "tiny:sdxl"):
+        path = tiny_model_dir(model.split(":")[1])
+        if not (path / "model_index.json").is_file():
+            build_tiny_pipeline(model.split(":")[1], path)
+        return str(path)
+    if model == "toy":  # built by toy_base.py, which the core does not import (it needs the toy world)
+        path = CACHE_DIR / TOY_BASE_NAME
+        if not (path / "model_index.json").is_file():
+            raise SailError(f"the toy base model is not built yet ({path}): run `python toy_base.py` once (about 4 "
+                            f"minutes on 2 cores); `bash run_all.sh toy 2` does it first")
+        return str(path)
+    if model.startswith((".", "/", "~")) or Path(model).exists():  # a local folder, not a hub id
+        path = Path(model).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise SailError(f"model path {path} is not a diffusers pipeline folder (no model_index.json)")
+        return str(path)
+    return model  # a hub id; from_pretrained downloads or uses its cache
+
+
+def read_checkpoint_info(ckpt):
+    ckpt = Path(ckpt)
+    info_path = ckpt / "sail.json"
+    if not info_path.is_file() or not (ckpt / "unet" / "config.json").is_file():
+        raise SailError(f"{ckpt} is not a finished SAIL checkpoint (needs sail.json and unet/)")
+    try:
+        return json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SailError(f"{info_path}: malformed JSON ({err.msg})") from None
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a --model value names. base_model: the base as named (preset model, hub id or path),
+    which checkpoints record so that a run folder moved to another machine still finds kit-built and
+    hub models; base_path: what from_pretrained loads; unet: the checkpoint's UNet folder, or None
+    for the base's own; ckpt: the checkpoint folder, or None."""
+    base_model: str
+    base_path: str
+    arch: str
+    unet: str = None
+    preset: str = None
+    iteration: int = None
+    ckpt: str = None
+
+
+def describe_model(spec):
+    """A --model value (preset name, checkpoint folder or pipeline path) -> ModelDescription."""
+    path = Path(spec)
+    if (path / "sail.json").is_file():
+        info = read_checkpoint_info(path)
+        return ModelDescription(info["base_model"], resolve_model_path(info["base_model"]), info["arch"],
+                                unet=str(path / "unet"), preset=info.get("preset"), iteration=info.get("iteration"),
+                                ckpt=str(path))
+    if spec in PRESETS:
+        preset = get_preset(spec)
+        return ModelDescription(preset["model"], resolve_model_path(preset["model"]), preset["arch"], preset=spec)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise SailError(f"{path} is neither a SAIL checkpoint (sail.json) nor a diffusers pipeline (model_index.json)")
+    base = resolve_model_path(spec)
+    return ModelDescription(spec, base, "sdxl" if _is_sdxl(base) else "sd15")
+
+
+def _is_sdxl(model_path):
+    index = Path(model_path) / "model_index.json"
+    if index.is_file():
+        return "text_encoder_2" in json.loads(index.read_text())
+    return "xl" in model_path.lower()
+
+
+def load_unet(desc, dtype=torch.float32):
+    from diffusers import UNet2DConditionModel
+    try:
+        if desc.unet:
+            return UNet2DConditionModel.from_pretrained(desc.unet, torch_dtype=dtype)
+        return UNet2DConditionModel.from_pretrained(desc.base_path, subfolder="unet", torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise SailError(f"cannot load the UNet of {desc.unet or desc.base_path}: {err}") from None
+
+
+def load_pipeline(desc, device, dtype, sampler=None, encoding=False):
+    """The diffusers pipeline of the base model with the checkpoint's UNet swapped in. With
+    encoding=True (the VAE encodes images for a loss or a reward) SDXL's VAE runs in float32: it
+    overflows in half precision (its config sets force_upcast; the pipeline upcasts only to decode)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.disable_progress_bar()
+    cls = StableDiffusionXLPipeline if desc.arch == "sdxl" else StableDiffusionPipeline
+    extra = {} if desc.arch == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(desc.base_path, unet=load_unet(desc, dtype), torch_dtype=dtype, **extra)
+    except (OSError, ValueError) as err:
+        raise SailError(f"cannot load model {desc.base_path}: {err}") from None
+    if encoding and desc.arch == "sdxl":
+        pipe.vae.to(torch.float32)
+    if sampler:
+        use_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def use_sampler(pipe, sampler):
+    """Swap in the preset's sampler ("ddpm" or "ddim"), made from the folder's scheduler config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    pipe.scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler].from_config(pipe.scheduler.config)
+
+
+def add_speed_flags(parser, training=False):
+    """The flags that only pay on a GPU; outputs equal the plain path's up to round-off. Fused q/k/v
+    projections replace the trained layers with new ones, so training offers the other two."""
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays on a GPU after a warm-up)")
+    if not training:
+        parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v attention projections (inference)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
+
+
+def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
+    """The UNet with the speed options asked for (tests/test_speed_options.py: same outputs up to round-off).
+    Compiled in place (nn.Module.compile): same class, same state-dict names, so saving and resuming
+    do not change."""
+    if fuse_qkv:
+        unet.fuse_qkv_projections()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile:
+        unet.compile()
+    return unet
+
+
+def save_checkpoint(unet, ckpt, info):
+    """Write ckpt/unet (diffusers safetensors) and ckpt/sail.json under a temporary name, then
+    rename, so a checkpoint folder that exists is always complete."""
+    ckpt = Path(ckpt)
+    if ckpt.exists():
+        raise SailError(f"{ckpt} exists already; not overwriting it")
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    write_json_atomic(tmp / "sail.json", info)
+    os.replace(tmp, ckpt)
+
+
+def export_pipeline(ckpt, out_dir):
+    """A full pipeline folder that plain `DiffusionPipeline.from_pretrained(out_dir)` loads."""
+    desc = describe_model(ckpt)
+    pipe = load_pipeline(desc, torch.device("cpu"), torch.float32)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp{os.getpid()}")  # several processes may build it at once
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,180 @@
+"""TODO tools.spot_check"""
+import argparse
+import hashlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+import numpy as np
+from sail import common, files
+from toy import world
+from sail.common import SailError
+from sail.guards import STOP
+from sail.labelling import Labelling, NAME
+from tools.label_server import make_server
+from sail.guards import stops
+
+
+log = logging.getLogger("sail")
+
+
+TOY_LABELLER = "toy-rater"
+
+
+def choose_pairs(pairs, count, seed, iteration):
+    """count self pairs, one per prompt, in a seeded order that does not depend on the file's order (0: all)."""
+    rows = list({p["prompt"]: p for p in reversed(pairs) if p["source"] == "self"}.values())
+    rows.sort(key=lambda r: hashlib.sha256(f"{seed}/spot/{iteration}/{r['prompt']}".encode()).digest())
+    return rows[:count] if count > 0 else rows
+
+
+def prepare(args, folder, iter_dir):
+    """generations.jsonl, written once: each chosen pair as a prompt's two candidates, the self-reward's winner
+    index 0 and its loser index 1 (the page shuffles the sides and never shows either)."""
+    pairs_file = iter_dir / "pairs.jsonl"
+    if (folder / "generations.jsonl").is_file():
+        return
+    chosen = choose_pairs(files.read_pairs(pairs_file), args.pairs, args.seed, args.iter)
+    if not chosen:
+        raise SailError(f"{pairs_file}: no self-labelled pair to check")
+    rows = []
+    for k, pair in enumerate(chosen):
+        for index, side in enumerate(("w", "l")):
+            image = pair["_image_" + side]
+            if image.parent != (iter_dir / "images").resolve():
+                raise SailError(f"{pairs_file}:{pair['_line']}: image_{side} {pair['image_' + side]} is not in "
+                                f"{iter_dir / 'images'} (02_self_reward.py's pairs point there)")
+            rows.append(dict(prompt_id=pair.get("prompt_id", f"pair{pair['_line']}"), prompt=pair["prompt"], index=index,
+                             image=f"images/{image.name}", self_reward=("winner", "loser")[index]))
+    files.write_jsonl_atomic(folder / "generations.jsonl", rows)
+    log.info("%d of %s's self pairs to label", len(chosen), pairs_file)
+
+
+def toy_answers(labelling, run, seed, iteration):
+    """The toy world's human judges every pair not yet judged, through the page's own Labelling."""
+    data = Path(run) / "world.data.json"
+    if not data.is_file():
+        raise SailError(f"{data}: not found; --labeller toy needs a run made by toy.py data")
+    settings = json.loads(data.read_text())
+    noise, tie_margin = settings.get("rater_noise", 0.0), settings.get("tie_margin", 0.02)
+    for k, pair in enumerate(labelling.pairs):
+        if pair["id"] in labelling.judged:
+            continue
+        a, b = (world.oracle_score(pair["prompt"], files.load_image(labelling.image_dir / Path(pair[side]).name))
+                for side in ("image_a", "image_b"))
+        choice = world.rater_choice(a, b, tie_margin, noise, np.random.default_rng([seed, iteration, k]).random)
+        labelling.judge(TOY_LABELLER, pair["id"], "tie" if choice is None else "ab"[choice])
+    log.info("the toy's %s answered (rater noise %g)", "oracle" if noise <= 0 else "noisy rater", noise)
+
+
+def serve(labelling, args):
+    """The labelling page until every pair has a judgement in force; Ctrl-C stops it (the judgements are kept)."""
+    server = make_server(labelling, args.host, args.port, args.name)
+    host, port = server.server_address[:2]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"spot check page: http://{host}:{port}/?name={args.name}  ({len(labelling.pairs)} pairs; the loop waits "
+          f"until each is judged; Ctrl-C stops, the same command continues)", flush=True)
+    left = len(labelling.pairs)
+    try:
+        while True:
+            with labelling.lock:
+                left = len(labelling.pairs) - len(labelling.judged)
+            if not left:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        raise SailError(f"stopped with {left} pair(s) to judge; the judgements so far are in {labelling.path}") from None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def agreement(labelling):
+    """Of the a/b judgements in force, how many prefer the self-reward's winner (generations' index 0)."""
+    winners = {r["image"] for r in files.read_jsonl(labelling.folder / "generations.jsonl") if r["index"] == 0}
+    choices = list(labelling.active.values())
+    kept = [j for j in choices if j["choice"] in ("a", "b")]
+    agree = sum(j["image_" + j["choice"]] in winners for j in kept)
+    return dict(agreement=agree / len(kept) if kept else None, agree=agree, judged=len(kept), pairs=len(labelling.pairs),
+                ties=sum(j["choice"] == "tie" for j in choices), skips=sum(j["choice"] == "skip" for j in choices),
+                labellers=sorted({j["labeller"] for j in choices}))
+
+
+def label(args, folder, iter_dir):
+    """agreement.json for this iteration: found, or labelled now (the page, or the toy's human)."""
+    done, pairs_file = folder / "agreement.json", iter_dir / "pairs.jsonl"
+    if not pairs_file.is_file():
+        raise SailError(f"{pairs_file}: not found (02_self_reward.py --iter {args.iter} writes it)")
+    with files.folder_lock(folder, "spot check"):
+        files.check_settings(folder / "plan.json", dict(pairs=args.pairs, seed=args.seed, labeller=args.labeller,
+                                 pairs_sha256=hashlib.sha256(pairs_file.read_bytes()).hexdigest()),
+                                 f"delete {folder} to label anew")
+        if done.is_file():
+            return json.loads(done.read_text())
+        files.save_args(folder, "spot", args)
+        prepare(args, folder, iter_dir)
+        labelling = Labelling(folder, args.seed, len(files.read_jsonl(folder / "generations.jsonl")) // 2,
+                              images=iter_dir / "images")
+        if args.labeller == "toy":
+            toy_answers(labelling, args.run, args.seed, args.iter)
+        else:
+            serve(labelling, args)
+        result = agreement(labelling)
+        files.write_json_atomic(done, result)
+    return result
+
+
+def main(args):
+    spot_dir, iter_dir = Path(args.run) / "eval" / "spot", files.iteration_dir(args.run, args.iter)
+    folder = spot_dir / files.iteration_name(args.iter)
+    common.setup_logging(folder, "spot_check")
+    if args.iter < 1 or not NAME.fullmatch(args.name):
+        raise SailError(f"need --iter >= 1 and a --name of 1 to 40 letters, digits, '.', '_' or '-' "
+                        f"(got {args.iter}, {args.name!r})")
+    if not (folder / "agreement.json").is_file() and (files.checkpoint_dir(args.run, args.iter) / "sail.json").is_file():
+        log.info("%s trained already without a spot check: nothing to check", iter_dir)
+        return 0
+    label(args, folder, iter_dir)
+    return apply_rule(spot_dir, args)
+
+
+def apply_rule(spot_dir, args):
+    """spot.json from the agreements of the iterations checked so far; STOP when the rule says so."""
+    found = {files.iteration_number(p.parent.name): json.loads(p.read_text())["agreement"]
+             for p in sorted(spot_dir.glob("iter_*/agreement.json"))}
+    measured = {it: a for it, a in found.items() if it is not None and it <= args.iter and a is not None}
+    log.info("spot check: the human prefers the self-reward's winner in %s",
+             ", ".join(f"{files.iteration_name(it)} {a:.2f}" for it, a in measured.items()) or "no pair yet")
+    first, stop = min(measured, default=None), False
+    if args.iter not in measured:  # only ties and skips: no signal, no stop
+        log.warning("spot check: no pair of %s was judged a or b; going on", files.iteration_name(args.iter))
+    else:
+        stop = stops(measured[first], measured[args.iter], args.drop if args.iter > first else None,
+                     args.below if args.below > 0 else None)
+    if stop:
+        log.info("spot check: %s's agreement %.2f is more than %g below %s's %.2f%s: stop before it trains; keep %s",
+                 files.iteration_name(args.iter), measured[args.iter], args.drop, files.iteration_name(first),
+                 measured[first], f" or below {args.below:g}" if args.below > 0 else "",
+                 files.checkpoint_dir(args.run, args.iter - 1))
+    files.write_json_atomic(spot_dir / "spot.json", dict(
+        agreement={files.iteration_name(it): a for it, a in measured.items()},
+        reference=first and files.iteration_name(first), drop=args.drop, below=args.below,
+        stopped_before=files.iteration_name(args.iter) if stop else None,
+        keep=str(files.checkpoint_dir(args.run, args.iter - 1)) if stop else None))
+    return STOP if stop else 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run folder")
+    p.add_argument("--iter", type=int, required=True, help="the iteration about to train (its pairs.jsonl exists)")
+    p.add_argument("--pairs", type=int, default=32, help="self pairs to label (0: all of them)")
+    p.add_argument("--drop", type=float, default=0.15, help="fall of the agreement from the first iteration's that stops")
+    p.add_argument("--below", type=float, default=0.0, help="agreement below which the loop stops (0: no such rule)")
+    p.add_argument("--labeller", choices=["page", "toy"], default="page", help="who answers: you on the page, or the toy's human")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of pairs, the sides and the toy rater")
+    p.add_argument("--name", default="labeller", help="labeller name when the page's address gives no ?name=")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    return p
