@@ -10,7 +10,7 @@ is short for
 With a TensorBoard log and validation images every 100 steps (docs/training.md):
     python 00_seed_dpo.py --run runs/toy --preset toy --report-to tensorboard --validation-every 100
 
-Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy.py data, prepare_pickapic.py,
+Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy.data, tools/prepare_pickapic.py,
         or any pair file in the kit's format), the preset's base model.
 Writes: runs/<run>/iter_00/ckpt/ (unet/, sail.json, train_log.jsonl), iter_00/train.args.json,
         iter_00/log.txt; with --report-to, iter_00/tracker/; with --validation-every, iter_00/validation/.

@@ -3,7 +3,7 @@
 The start model is also the frozen reference (the paper's setting: iteration i trains from
 epsilon^i with epsilon^i as reference). Each pair's two images get the same crop, flip,
 timestep and noise; the preferred and dispreferred halves go through the UNet as one batch,
-the reference runs once per batch without gradients. Loss: dpo_maths.py (beta 5000).
+the reference runs once per batch without gradients. Loss: sail/dpo.py (beta 5000).
 
 The whole UNet is trained by default, as in the paper and DiffusionDPO. --lora-rank R trains a
 LoRA of rank R on the attention projections instead (needs `pip install peft`): the reference is

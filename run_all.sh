@@ -5,7 +5,7 @@
 # crash resumes at the first unfinished stage.
 #
 #   bash run_all.sh toy 2          # the toy world on a CPU: no downloads, minutes
-#   bash run_all.sh sd15 3         # the paper's SD1.5 run (CUDA; data from prepare_pickapic.py)
+#   bash run_all.sh sd15 3         # the paper's SD1.5 run (CUDA; data from tools/prepare_pickapic.py)
 #   bash run_all.sh sdxl 2         # the paper's SDXL run
 #   bash run_all.sh tiny-sd15 2    # random-weight tiny models: a smoke test of the plumbing
 #   bash run_all.sh sdxl 2 --check # first: a few minutes of every stage on the real models (tools/preflight.py)
@@ -133,7 +133,7 @@ if [[ "$EVAL" == 1 ]]; then
     toy|tiny-*)
       if [[ -f "$RUN/eval/prompts.jsonl" ]]; then
         stage "oracle report" $PY -m toy.report --run "$RUN"
-      else  # a seed set not made by python -m toy.data (label.py, import_pairs.py) brings no evaluation prompts
+      else  # a seed set not made by python -m toy.data (tools/label.py, tools/import_pairs.py) brings no evaluation prompts
         log "no $RUN/eval/prompts.jsonl: oracle report skipped"
       fi ;;
     *) stage "05 eval" $PY "$KIT/05_eval.py" --run "$RUN" --benchmark "${EVAL_BENCHMARK:-parti}" ;;

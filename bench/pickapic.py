@@ -1,6 +1,6 @@
-"""Benchmark of prepare_pickapic.py on a generated Pick-a-Pic-shaped parquet set of about --gb GB.
+"""Benchmark of tools/prepare_pickapic.py on a generated Pick-a-Pic-shaped parquet set of about --gb GB.
 
-    python bench/bench_pickapic.py [--gb 1] [--rows-per-group 100] [--seed-size all] [--workdir DIR]
+    python -m bench.pickapic [--gb 1] [--rows-per-group 100] [--seed-size all] [--workdir DIR]
 
 Writes train and validation shards with the Pick-a-Pic v2 columns (512x512 JPEGs of blurred noise, ~175 KB
 each; 12% ties; --rows-per-group 0 puts a whole shard in one row group) into a temporary

@@ -11,10 +11,10 @@ Prints, for one preset:
   * --speed-flags [NAME ...]: the options that only pay on a GPU, each added to those before it.
 Then an estimate of the paper's full run per stage, on 1 and on 8 such devices.
 
-    python bench.py                       # tiny-sd15 on the CPU
-    python bench.py --preset toy --steps 5   # the toy world's model (python toy_base.py builds it)
-    python bench.py --preset sd15         # on a GPU, with the real weights (or $SAIL_SD15_PATH)
-    python bench.py --preset sdxl --random-weights --speed-flags   # on a GPU, no download
+    python -m bench.speed                       # tiny-sd15 on the CPU
+    python -m bench.speed --preset toy --steps 5   # the toy world's model (python -m toy.base builds it)
+    python -m bench.speed --preset sd15         # on a GPU, with the real weights (or $SAIL_SD15_PATH)
+    python -m bench.speed --preset sdxl --random-weights --speed-flags   # on a GPU, no download
 
 --random-weights saves the preset's released architecture with random weights as a pipeline folder
 that the job loads like any other: the real model's work, no download. Timings are never asserted.

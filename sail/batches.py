@@ -1,4 +1,7 @@
-"""TODO sail.batches"""
+"""The data path of training: a pair's two images loaded and transformed as DiffusionDPO's training
+transform does (resize, crop, flip), prompts and images encoded (text encoders, VAE), and the cache of
+latents for pairs seen again.
+"""
 import random
 import numpy as np
 import torch

@@ -1,11 +1,18 @@
-"""TODO sail.common"""
+"""What every command of the kit shares: the one error type (SailError: a clear message and exit
+status 2), the stage runner that turns it into one line on stderr, plain logs to stdout and log.txt,
+progress bars, stable seeds derived from names, and where kit-built models are cached ($SAIL_CACHE).
+"""
 import hashlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 log = logging.getLogger("sail")
 
 

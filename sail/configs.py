@@ -3,7 +3,7 @@ built from them.
 
 The values are those of the config files of stable-diffusion-v1-5/stable-diffusion-v1-5 and
 stabilityai/stable-diffusion-xl-base-1.0 (scheduler/scheduler_config.json, unet/, vae/,
-text_encoder/, text_encoder_2/ config.json, tokenizer*/). `bench.py` builds the full-size models
+text_encoder/, text_encoder_2/ config.json, tokenizer*/). `bench/speed.py` builds the full-size models
 from them; `tiny_configs(arch)` shrinks only widths, depths and the vocabulary, so that a bug
 hiding in a config difference (a scheduler class, a VAE scaling factor, an activation, the
 time-id layout) shows on a CPU too.

@@ -1,4 +1,20 @@
-"""TODO sail.dpo"""
+"""The DPO maths of the kit: DiffusionDPO's per-image training transform, prompt conditioning and
+the UNet call, DDPM noising, the DiffusionDPO loss, one training micro-batch (`dpo_micro_batch`,
+which 04_train.py and bench/speed.py both run), the implicit reward of SAIL (Eq. 8) over random draws,
+and the optimizers; written from the paper and checked against DiffusionDPO's train.py
+(tests/test_parity_train.py).
+
+With e_m(x) the mean squared error of model m's prediction over the latent's elements, for the
+same timestep t and noise on both images of a pair (Eq. 3 with Eq. 8/9 of the SAIL paper):
+
+    inside = -beta/2 * [(e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l))]
+    loss   = -log sigmoid(inside)
+
+averaged over the batch; the implicit reward of one image is r = -beta/2 * (e_theta - e_ref).
+Default beta = 5000, the value of the official DiffusionDPO training script and of the paper.
+The diffusers research script for SD1.5 writes `-logsigmoid(beta_dpo * (ref_diff - model_diff))`
+without the 1/2, so its `beta_dpo` is half of this beta (its 2500 equals our 5000).
+"""
 import contextlib
 from typing import NamedTuple
 import torch

@@ -1,4 +1,7 @@
-"""TODO sail.files"""
+"""The on-disk contract of a SAIL run: the run folder's layout (the only place its names are
+spelled), JSONL, pair and prompt files, images, atomic writes, settings recorded beside work,
+arguments and timings, run-folder locks, the disk check and the pool check.
+"""
 import contextlib
 import dataclasses
 import fcntl
@@ -9,9 +12,9 @@ import re
 import resource
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
-import torch
 from PIL import Image
 from sail.common import SailError
 
@@ -26,7 +29,8 @@ def save_args(out_dir, stage, args, **extra):
 def peak_memory():
     """Peak resident RAM of this process and, on CUDA, peak GPU memory allocated, in GiB."""
     info = dict(peak_ram_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # a process that never imported torch (the labelling server) used no GPU
+    if torch is not None and torch.cuda.is_available():
         info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return info
 

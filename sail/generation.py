@@ -1,4 +1,6 @@
-"""TODO sail.generation"""
+"""Image generation: the kit's one generation loop (`draw_images`), which 01, 05, the labelling
+page's candidates, validation during training and the toy share.
+"""
 import torch
 from sail.common import progress
 

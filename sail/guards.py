@@ -1,4 +1,7 @@
-"""TODO sail.guards"""
+"""The loop's two drift guards, as rules: the held-out guard (the model's self-reward accuracy on
+held-out human pairs, per iteration, and where it fell below its best) and the spot check (a human's
+agreement with the self-labelled pairs, and when it fell far enough to stop).
+"""
 import json
 from sail import common, files
 

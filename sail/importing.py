@@ -1,5 +1,5 @@
-"""How an importer turns labelled pairs into a run's data (prepare_pickapic.py, import_pairs.py,
-label.py): the seed's size and its seeded choice, prompt pools chosen by a seeded hash and kept
+"""How an importer turns labelled pairs into a run's data (tools/prepare_pickapic.py, tools/import_pairs.py,
+tools/label.py): the seed's size and its seeded choice, prompt pools chosen by a seeded hash and kept
 disjoint from every other prompt set, and the check that a run folder holds this very import.
 """
 import hashlib

@@ -1,4 +1,6 @@
-"""TODO sail.labelling"""
+"""The judgements of a labelling run: replayed from their append-only file, each new one flushed
+and fsynced before it is confirmed, and pairs handed out so that no two labellers judge one pair.
+"""
 import itertools
 import json
 import logging

@@ -1,4 +1,6 @@
-"""TODO sail.metrics"""
+"""The metrics of the evaluation by name (pickscore, hpsv2, imagereward, aesthetic, oracle and the
+tiny ones): what each needs installed, loading a scorer, and loading it only when first used.
+"""
 import torch
 from sail.common import SailError
 from sail.imagereward import ImageReward, tiny_imagereward

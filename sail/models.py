@@ -1,4 +1,7 @@
-"""TODO sail.models"""
+"""Models of the kit: what a --model value names (`describe_model`: a preset, a checkpoint folder or a
+pipeline), loading the pipeline and UNet (SDXL's VAE encodes in float32), device and precision, the
+speed options, and checkpoints: saving them with where they came from, exporting a full pipeline.
+"""
 import json
 import os
 import shutil
@@ -12,7 +15,7 @@ from sail.settings import PRESETS, get_preset
 from sail.tiny import build_tiny_pipeline, tiny_model_dir
 
 
-TOY_BASE_NAME = "toy-base-v1"  # the toy world's base model, CACHE_DIR/TOY_BASE_NAME, made by toy_base.py
+TOY_BASE_NAME = "toy-base-v1"  # the toy world's base model, CACHE_DIR/TOY_BASE_NAME, made by toy/base.py
 
 
 def pick_device(name=None):
@@ -54,10 +57,10 @@ def resolve_model_path(model):
         if not (path / "model_index.json").is_file():
             build_tiny_pipeline(model.split(":")[1], path)
         return str(path)
-    if model == "toy":  # built by toy_base.py, which the core does not import (it needs the toy world)
+    if model == "toy":  # built by toy/base.py, which the core does not import (it needs the toy world)
         path = CACHE_DIR / TOY_BASE_NAME
         if not (path / "model_index.json").is_file():
-            raise SailError(f"the toy base model is not built yet ({path}): run `python toy_base.py` once (about 4 "
+            raise SailError(f"the toy base model is not built yet ({path}): run `python -m toy.base` once (about 4 "
                             f"minutes on 2 cores); `bash run_all.sh toy 2` does it first")
         return str(path)
     if model.startswith((".", "/", "~")) or Path(model).exists():  # a local folder, not a hub id

@@ -1,4 +1,6 @@
-"""TODO sail.pairing"""
+"""The pairing rule: which two of a prompt's scored candidates become its self-labelled pair
+(best vs worst by default, the paper's; random for the Table 5 ablation), and when they tie.
+"""
 import random
 from sail import common
 

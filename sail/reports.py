@@ -1,4 +1,6 @@
-"""TODO sail.reports"""
+"""Statistics and reports built from scores: bootstrap confidence intervals, paired comparisons,
+accuracy and markdown tables, image grids and metric plots.
+"""
 import math
 import os
 import textwrap

@@ -1,4 +1,22 @@
-"""TODO sail.scorers"""
+"""The metric models of the evaluation (PickScore, HPSv2/HPSv2.1, ImageReward, LAION aesthetic
+predictor v2, the toy world's oracle) and the statistics and reports built from their scores.
+
+Each scorer maps (prompts, images) -> one float per pair, with its authors' preprocessing and
+formula, at the scale the papers report:
+    PickScore    logit_scale * cos(text, image) of a CLIP ViT-H/14 fine-tune        (~21)
+    HPSv2(.1)    100 * cos(text, image) of an open_clip ViT-H-14 fine-tune           (~27)
+    ImageReward  (MLP(BLIP cross-attended [CLS]) - 0.16717) / 1.03334                (~0-1)
+    aesthetic    MLP(image embedding of CLIP ViT-L/14 / its L2 norm)                  (~5-6)
+A scorer takes a hub id, a local folder (or file), or an already-built model object; where the
+model lives is also set by environment variables (SAIL_PICKSCORE_PATH, ...; see LOCATIONS).
+PickScore, ImageReward and the aesthetic predictor need only the kit's requirements (transformers);
+HPSv2 needs `pip install open_clip_torch`. ImageReward is built here from transformers' port of
+BLIP with the weights of THUDM/ImageReward: the `image-reward` package does not import under
+transformers 5 and pins timm 0.6.13, which open_clip (timm>=1.0.17) cannot use.
+A NaN or infinite score stops the evaluation with the image and prompt it came from.
+`tiny-pickscore`, `tiny-aesthetic` and `tiny-imagereward` are the same architectures with small
+random weights, built offline: they exercise the whole evaluation on a CPU but measure nothing.
+"""
 import importlib
 import math
 import os

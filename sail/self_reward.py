@@ -1,4 +1,11 @@
-"""TODO sail.self_reward"""
+"""SAIL's implicit reward (Eq. 8) of N candidate images of one prompt, averaged over K random
+(t, noise) draws, with common random numbers across the candidates and optional variance-reducing
+draw schemes.
+
+    r(x) = -beta/2 * mean over K draws of ( e_theta(x_t, y, t) - e_ref(x_t, y, t) )
+
+with e_m the mean squared error of model m's noise prediction over the latent's elements.
+"""
 import math
 import torch
 from sail.dpo import BETA, forward_process, implicit_reward, per_sample_error, prediction_target, unet_call

@@ -1,4 +1,6 @@
-"""TODO sail.settings"""
+"""Every preset of the kit in one table: the model, its generation settings and its training
+settings, as in the paper (section 5.1) for sd15 and sdxl.
+"""
 import os
 from sail.common import SailError
 
@@ -22,7 +24,7 @@ PRESETS = {
     "tiny-sdxl": dict(model="tiny:sdxl", arch="sdxl", resolution=32, sampler="ddim", steps=4, cfg=3.0,
                       optimizer="adafactor", mixed_precision="no", gen_batch=16, reward_batch=32, micro_batch=4,
                       max_steps=2, batch_size=8, lr=1e-4),
-    # The CPU toy world (toy_world.py, toy.py): a briefly pretrained small model of the SD1.5 architecture.
+    # The CPU toy world (toy/world.py, toy/data.py): a briefly pretrained small model of the SD1.5 architecture.
     "toy": dict(model="toy", arch="sd15", resolution=32, sampler="ddim", steps=20, cfg=1.0, flip=False,
                 optimizer="adamw", mixed_precision="no", gen_batch=64, reward_batch=160, micro_batch=32,
                 lr=1e-6, batch_size=32, max_steps=300),

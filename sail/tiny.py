@@ -1,4 +1,6 @@
-"""TODO sail.tiny"""
+"""Tiny models of the released SD1.5 and SDXL for tests and CPU runs: the released configs
+(sail/configs.py) with only widths, depths and the vocabulary shrunk, built offline and cached.
+"""
 import hashlib
 import json
 import os

@@ -1,4 +1,11 @@
-"""TODO sail.training"""
+"""Training helpers of 04_train.py: experiment trackers, validation images drawn during training,
+the latent cache, resumable states, gradient accumulation through accelerate,
+mixed precision from an accelerate config, and the whole UNet of a sharded model.
+
+Nothing here runs on its own (04_train.py's docstring says what training reads and writes). Beside
+the checkpoint it adds <out parent>/tracker/ (TensorBoard events, wandb's local files) and
+<out parent>/validation/ (a folder of images per drawn step, grid.png, grid.json). Docs: docs/training.md.
+"""
 import importlib
 import json
 import logging

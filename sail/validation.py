@@ -1,4 +1,6 @@
-"""TODO sail.validation"""
+"""Validation images during training: fixed prompts drawn on fixed seeds with the start model and
+then every --validation-every steps, saved per step and as one grid, and sent to the trackers.
+"""
 import contextlib
 import logging
 import shutil

@@ -5,6 +5,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from conftest import load_stage
+from sail import common
+
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 40), (200, 40, 200), (30, 200, 200)]
 
 
@@ -37,3 +40,14 @@ def make_pool(path, ids, prefix="prompt"):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"prompt_id": f"{prefix}{i}", "prompt": f"{prefix} number {i}"}) + "\n" for i in ids))
     return path
+
+
+def run_train(*argv):
+    """04_train.py in this process, as its command line would run it."""
+    train = load_stage("04_train")
+    common.run_stage(train.locked_main, train.build_parser().parse_args([str(a) for a in argv]))
+
+
+def unet_state(ckpt):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(ckpt / "unet").state_dict()

@@ -1,6 +1,24 @@
-"""TODO tools.drift_guard"""
+"""The drift guard: does the model's self-reward still agree with human labels it never trained on?
+
+After each iteration, run_all.sh scores held-out human pairs (<run>/val/pairs.jsonl: never in the seed
+or in any training mix) with the new model's own implicit reward (05_eval.py --reward-accuracy, the
+same K common draws as 02), and this script reads those accuracies, prints them side by side and
+records the best iteration (the latest within the tolerance of the highest accuracy). A self-reward
+that drifts away from human taste is what makes later iterations train on wrong pairs; the guard
+needs no oracle, only pairs that were set aside. (In the toy world these pairs, drawn by the base
+model, did not see the drift: README, "The drift guard".)
+
+Command (run_all.sh runs it after each iteration when val/pairs.jsonl exists; GUARD=stop passes --stop):
+    python -m tools.drift_guard --run runs/toy --iter 2 [--stop] [--tolerance 0.02]
+With --stop it exits with status 3 when iteration ITER's accuracy is below the highest so far by
+more than --tolerance; run_all.sh then ends the loop and names the best checkpoint.
+
+Reads:  <run>/eval/guard/iter_XX/reward_accuracy.json for XX = 0 .. ITER (05_eval.py writes them).
+Writes: <run>/eval/guard/guard.json (accuracy per iteration, the best, whether it stopped); log.txt.
+"""
 import argparse
 import logging
+import sys
 from pathlib import Path
 from sail import common, files
 from sail.guards import STOP, best_iteration, fell_below_best, read_accuracies
@@ -37,3 +55,7 @@ def build_parser():
     p.add_argument("--stop", action="store_true", help="exit with status 3 when the accuracy fell below the best")
     p.add_argument("--tolerance", type=float, default=0.02, help="fall below the best that is not yet a stop")
     return p
+
+
+if __name__ == "__main__":
+    common.run_stage(lambda args: sys.exit(main(args)), build_parser().parse_args())

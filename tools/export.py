@@ -1,8 +1,8 @@
 """The way out of the kit: a trained checkpoint as a diffusers pipeline folder, a single .safetensors file in
 the original Stable Diffusion layout (ComfyUI, AUTOMATIC1111), its LoRA, a model card; a push to the Hub.
 
-    python export.py --ckpt runs/toy/iter_02/ckpt --out exports/toy-sail
-    python export.py --ckpt runs/sdxl/iter_02/ckpt --out exports/sdxl-sail --single-file --half --push-to-hub USER/REPO
+    python -m tools.export --ckpt runs/toy/iter_02/ckpt --out exports/toy-sail
+    python -m tools.export --ckpt runs/sdxl/iter_02/ckpt --out exports/sdxl-sail --single-file --half --push-to-hub USER/REPO
 
 The single file holds the UNet (model.diffusion_model.*), the VAE (first_stage_model.*) and the text encoder(s):
 cond_stage_model.transformer.* (SD1.5); conditioner.embedders.0.transformer.* and, in OpenCLIP layout with q/k/v
@@ -196,8 +196,8 @@ def seed_lines(run):
     pairs, stats = seed_pairs_path(run), run / "seed" / "stats.json"
     if not pairs.is_file():
         return []
-    source = ("Pick-a-Pic v2 through prepare_pickapic.py" if (run / "pickapic.args.json").is_file() else
-              "the toy world's hidden human through toy.py data" if (run / "toy_world.data.args.json").is_file() else "a pair file")
+    source = ("Pick-a-Pic v2 through tools/prepare_pickapic.py" if (run / "pickapic.args.json").is_file() else
+              "the toy world's hidden human through toy.data" if (run / "toy_world.data.args.json").is_file() else "a pair file")
     n = sum(1 for line in pairs.read_text().splitlines() if line.strip())
     return [f"Human seed: {n} preference pairs (seed/pairs.jsonl) from {source}.", ""] + \
         (["<details><summary>seed/stats.json</summary>", "", "```json", stats.read_text().strip(), "```", "</details>", ""]
@@ -253,7 +253,7 @@ def card_text(ckpt, out, args, single_file):
                   f'pipe = DiffusionPipeline.from_pretrained("{parent if parent == hub_base else "START_MODEL"}")',
                   f'pipe.load_lora_weights("{where}", subfolder="lora")' if args.push_to_hub else
                   f'pipe.load_lora_weights("{out / "lora"}")', "```", ""]
-        lines += [] if parent == base else ["The start model is an earlier iteration of the run (`python export.py --ckpt` "
+        lines += [] if parent == base else ["The start model is an earlier iteration of the run (`python -m tools.export --ckpt` "
                                             "it for its pipeline): the adapter alone on the base model is not this model.", ""]
     lines += ["## How it was trained", ""] + seed_lines(run) + [
         "Iteration 0 is DPO on the human seed; each later one generates N candidates per prompt, ranks them by the model's "
@@ -261,7 +261,7 @@ def card_text(ckpt, out, args, single_file):
         "| iteration | prompts | N | K draws | pairing | human share | pairs: self + human | steps | batch | lr | beta | "
         "optimizer |", "|---" * 12 + "|"] + [iteration_row(c.parent, i) for c, i in chain]
     lines += ["", "## Evaluation", ""] + eval_lines(run, out)
-    lines += ["", "Made with the SAIL kit's export.py (SAIL: Self-Amplified Iterative Learning for diffusion model alignment)."]
+    lines += ["", "Made with the SAIL kit's tools/export.py (SAIL: Self-Amplified Iterative Learning for diffusion model alignment)."]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +301,7 @@ def push(out, repo, private):
 
 
 def write_card(out, card):
-    """README.md, unless edited by hand since export.py wrote it (README.md.sha256 records what it wrote)."""
+    """README.md, unless edited by hand since tools/export.py wrote it (README.md.sha256 records what it wrote)."""
     readme, stamp, digest = out / "README.md", out / "README.md.sha256", hashlib.sha256(card.encode()).hexdigest()
     old = hashlib.sha256(readme.read_bytes()).hexdigest() if readme.is_file() else None
     if old and old != digest and not (stamp.is_file() and stamp.read_text() == old):

@@ -1,14 +1,14 @@
 """Import your own human preference pairs into a SAIL run: a pair file, a Hugging Face dataset or rankings.
 
 Commands (one source each; docs/own_pairs.md shows the formats and every flag):
-    python import_pairs.py --run runs/mine --pairs-file my.csv [--images DIR] --seed-size all --pool-sizes 64,64
-    python import_pairs.py --run runs/mine --dataset NAME_OR_FOLDER [--split train] [--caption-column caption ...]
-    python import_pairs.py --run runs/mine --rankings rankings.jsonl [--ranking-pairs all|best-worst]
+    python -m tools.import_pairs --run runs/mine --pairs-file my.csv [--images DIR] --seed-size all --pool-sizes 64,64
+    python -m tools.import_pairs --run runs/mine --dataset NAME_OR_FOLDER [--split train] [--caption-column caption ...]
+    python -m tools.import_pairs --run runs/mine --rankings rankings.jsonl [--ranking-pairs all|best-worst]
 
 Pair files (.csv or .jsonl: prompt, image_a, image_b, choice a / b / tie), datasets (two images, two labels, a
 caption) and rankings (prompt, images, ranks with 1 = best, or scores) become pairs; ties are dropped as in the
 paper, and a bad row stops naming file and line. --val-pairs N holds out the pairs of whole prompts; the seed is
---seed-size of the pairs on the other prompts, drawn as prepare_pickapic.py draws. Every imported image is decoded
+--seed-size of the pairs on the other prompts, drawn as tools/prepare_pickapic.py draws. Every imported image is decoded
 and copied with its bytes unchanged (the pixels the person judged), named by their hash, so that an image in many
 pairs is stored once. Pools come from --prompt-file or the unused prompts, minus the evaluation prompts.
 

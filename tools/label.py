@@ -1,11 +1,11 @@
 """Human labelling in the browser: a SAIL seed set of pairs from your own prompts and your own taste.
 
-The server (label_server.py, the page in label_page.html) listens on 127.0.0.1 unless --host says otherwise.
+The server (tools/label_server.py, the page in tools/label_page.html) listens on 127.0.0.1 unless --host says otherwise.
 
 Commands:
-    python label.py --run runs/mine --prompts my_prompts.txt --preset toy [--label-prompts 40] [--candidates 4]
+    python -m tools.label --run runs/mine --prompts my_prompts.txt --preset toy [--label-prompts 40] [--candidates 4]
         [--pool-sizes 64,64] [--target 200] [--name alice] [--host 127.0.0.1] [--port 8765] [--seed 0]
-    python label.py --run runs/mine --finish
+    python -m tools.label --run runs/mine --finish
     RUN=runs/mine EVAL=0 bash run_all.sh toy 2
 
 The first splits the prompt file (seeded, text normalised) into --label-prompts prompts to label and the prompt
@@ -116,7 +116,7 @@ def finish(args):
     """seed/pairs.jsonl from the a/b judgements in force, the pools from the leftover prompts; nothing overwritten."""
     run, folder = Path(args.run), Path(args.run) / "label"
     if not (folder / "plan.json").is_file():
-        raise SailError(f"{folder / 'plan.json'}: file not found (label first: python label.py --run {run} --prompts ...)")
+        raise SailError(f"{folder / 'plan.json'}: file not found (label first: python -m tools.label --run {run} --prompts ...)")
     plan, seed_file = json.loads((folder / "plan.json").read_text()), files.seed_pairs_path(run)
     state = Labelling(folder, plan["seed"], 0, repair=False)  # a server may be appending: read, never cut
     pairs = [dict(prompt=j["prompt"], image_w=files.relative_to(folder / j["image_" + j["choice"]], seed_file.parent),

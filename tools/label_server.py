@@ -1,4 +1,10 @@
-"""TODO tools.label_server"""
+"""The labelling page's server: the judgements of a labelling run (replayed from its append-only file,
+each new one flushed and fsynced before the answer), pairs handed out so that no two labellers judge
+one pair, and the HTTP routes of the page (tools/label_page.html). tools/label.py prepares the run and starts it.
+
+The server is the standard library's ThreadingHTTPServer: no extra dependency for a handful of routes, one thread
+per request so that several people label at once.
+"""
 import json
 import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

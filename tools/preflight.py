@@ -1,7 +1,7 @@
 """Preflight: one short pass of the whole loop on the real models, before a run of days.
 
 Command:
-    python preflight.py --preset sdxl
+    python -m tools.preflight --preset sdxl
 is the same as
     bash run_all.sh sdxl 2 --check
 

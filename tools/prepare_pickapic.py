@@ -1,6 +1,6 @@
 """Import the paper's data from Pick-a-Pic v2 parquet shards already on disk (nothing is downloaded).
 
-    python prepare_pickapic.py --parquet-dir /data/pickapic_v2 --run runs/sd15 [--seed-size 50000|0.06|6%|all]
+    python -m tools.prepare_pickapic --parquet-dir /data/pickapic_v2 --run runs/sd15 [--seed-size 50000|0.06|6%|all]
         [--pool-sizes 10000,20000,20000] [--prompt-file FILE.jsonl|.txt] [--val-pairs 1000] [--seed 0]
 
 Reads the shards of each split (`<split>-*.parquet` or `<split>/*.parquet` in --parquet-dir or its data/, or

@@ -1,8 +1,40 @@
-"""TODO tools.spot_check"""
+"""The spot check: before an iteration trains, does a human still prefer the self-reward's winners?
+
+Later SAIL iterations train on pairs their own model labelled. When that self-reward drifts from
+human taste the loop trains on wrong pairs and the model gets worse: in the toy's runs without human
+pairs the self pairs the oracle agrees with fell from 94% to 8% (README, "Longer runs"). Held-out
+seed pairs (tools/drift_guard.py) were drawn by the base model and do not see this; a spot check asks
+about the pairs the loop is about to train on. Before iteration ITER trains, a human labels M of
+iter_XX/pairs.jsonl (one per prompt, chosen by a seeded hash; sides shuffled, the self-reward's
+choice not shown) on the labelling page. The agreement is the share of a/b judgements that prefer
+the self-reward's winner (ties and skips dropped). The first iteration checked is the reference: an
+agreement more than --drop below it (or below --below) ends the loop before ITER trains, and model
+ITER-1 is the one to keep. Replayed on 21 finished toy runs (toy/study_guard.py), M = 32 and a drop of
+0.15 gave up 0.004 of oracle score against each run's peak; the held-out guard 0.012, the last model
+0.025. A drop rather than a fixed threshold: a noisy human agrees less with every pair.
+
+Commands (run_all.sh runs it between 02 and 03 with GUARD=spot, with --labeller toy in a run that
+toy.data made):
+    python -m tools.spot_check --run runs/mine --iter 2 [--pairs 32] [--drop 0.15] [--below 0] [--seed 0]         [--host 127.0.0.1] [--port 8765] [--name alice]
+    python -m tools.spot_check --run runs/toy --iter 2 --labeller toy
+The first serves the pairs at http://HOST:PORT/?name=NAME and waits until each has a judgement
+(several labellers may share them, each with their own ?name=); Ctrl-C stops it and the same command
+continues from the judgements so far. With --labeller toy the toy world's human answers: the oracle,
+or the noisy Bradley-Terry rater of toy.data --rater-noise (recorded in toy_world.data.json).
+Exit status 3: the loop should stop before ITER trains.
+
+Reads:  <run>/iter_XX/pairs.jsonl and its images; <run>/eval/spot/iter_YY/agreement.json of earlier
+        iterations; with --labeller toy <run>/toy_world.data.json.
+Writes: <run>/eval/spot/iter_XX/: plan.json (pairs, seed, labeller: a rerun with others stops),
+        generations.jsonl (each chosen pair as two candidates, image paths relative to iter_XX),
+        judgements.jsonl (appended, as tools/label.py's), agreement.json, spot.args.json, log.txt; then
+        <run>/eval/spot/spot.json (agreement per iteration, the rule, where it stopped).
+"""
 import argparse
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -53,9 +85,9 @@ def prepare(args, folder, iter_dir):
 
 def toy_answers(labelling, run, seed, iteration):
     """The toy world's human judges every pair not yet judged, through the page's own Labelling."""
-    data = Path(run) / "world.data.json"
+    data = Path(run) / "toy_world.data.json"
     if not data.is_file():
-        raise SailError(f"{data}: not found; --labeller toy needs a run made by toy.py data")
+        raise SailError(f"{data}: not found; --labeller toy needs a run made by toy.data")
     settings = json.loads(data.read_text())
     noise, tie_margin = settings.get("rater_noise", 0.0), settings.get("tie_margin", 0.02)
     for k, pair in enumerate(labelling.pairs):
@@ -178,3 +210,7 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
     return p
+
+
+if __name__ == "__main__":
+    common.run_stage(lambda args: sys.exit(main(args)), build_parser().parse_args())

@@ -4,9 +4,9 @@ size, pretrained for a few minutes on the world's messy "web" pictures, determin
 cached. Brief pretraining on messy data leaves it imperfect, as a base model should be.
 
 Command:
-    python toy_base.py            # build (once) and print the cached pipeline folder
+    python -m toy.base            # build (once) and print the cached pipeline folder
 
-Reads:  nothing (the pictures come from toy_world.py's renderer).
+Reads:  nothing (the pictures come from toy/world.py's renderer).
 Writes: $SAIL_CACHE/toy-base-v1/ (default ~/.cache/sail-kit): a StableDiffusionPipeline folder that
         loads with plain diffusers, with toy_base.json (the build's settings, final loss, seconds).
 """

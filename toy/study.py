@@ -10,7 +10,7 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
      pairs (the other reading of the paper's mix ratio, see 03_mixup.py), N = 2 and N = 4 (the
      first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
   3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
-     base model at the lr and steps that study_lr.py found best for it on the tuning seeds (1e-4 and
+     base model at the lr and steps that toy/study_lr.py found best for it on the tuning seeds (1e-4 and
      100 steps, a third of a pass; --dpo-all-lr, --dpo-all-steps), and at that lr for as many steps as
      the whole SAIL run (iteration 0 + T iterations);
   4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
@@ -20,11 +20,11 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
 Then mean and spread (sample standard deviation) over the seeds.
 
 Command (about an hour and a half on 2 CPU cores with --jobs 3; seeds run side by side):
-    python study_toy.py --out runs/study --jobs 3
+    python -m toy.study --out runs/study --jobs 3
 The plumbing on tiny random-weight models, in a minute or two:
-    python study_toy.py --out /tmp/study --preset tiny-sd15 --quick --seeds 0
+    python -m toy.study --out /tmp/study --preset tiny-sd15 --quick --seeds 0
 
-Reads:  nothing; the toy base model is built once and cached (python toy_base.py, which run_all.sh runs).
+Reads:  nothing; the toy base model is built once and cached (python -m toy.base, which run_all.sh runs).
 Writes: <out>/seed_<s>/ (a run folder of run_all.sh plus ablation_*/, dpo_all_labels/,
         seed/heldout_pairs.jsonl, eval/, study.log with every stage's output), then <out>/study.json
         (every number per seed, stage times), study.md (tables), study.png (plot), study.args.json,
@@ -327,7 +327,7 @@ def build_parser():
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4], help="data seeds (0 and 1 tuned the toy world)")
     p.add_argument("--dpo-all-steps", type=int, default=100,
-                   help="steps of DPO on all labels: with --dpo-all-lr, the best of study_lr.py on the tuning seeds 0 and 1")
+                   help="steps of DPO on all labels: with --dpo-all-lr, the best of toy/study_lr.py on the tuning seeds 0 and 1")
     p.add_argument("--dpo-all-lr", type=float, default=1e-4, help="lr of DPO on all labels")
     add_study_flags(p)
     return p

@@ -1,20 +1,20 @@
 """Which drift guard would have stopped the toy's SAIL runs at the oracle's peak? Replayed on finished runs.
 
-The held-out guard (drift_guard.py) scores human pairs the base model drew, and in the toy it did not
+The held-out guard (tools/drift_guard.py) scores human pairs the base model drew, and in the toy it did not
 see the drift (README, "The drift guard"). A spot check asks the human about the pairs the loop is
 about to train on instead: before iteration i trains, the human labels M of its self-labelled
 best-worst pairs (iter_i/pairs.jsonl, ranked by model i-1's implicit reward); when they prefer the
 self-reward's winner less often than a threshold (or by a margin less often than at iteration 1),
 the loop stops and keeps model i-1. This script
-replays that rule on finished toy runs (any study_long.py or run_all.sh toy output) with each run's
-own human (the oracle, or the noisy rater of toy.py data --rater-noise; a tie is dropped), over many
+replays that rule on finished toy runs (any toy/study_long.py or run_all.sh toy output) with each run's
+own human (the oracle, or the noisy rater of toy.data --rater-noise; a tie is dropped), over many
 random draws of the M pairs, and reports how often it keeps the oracle's peak and how much oracle
 score it gives up, beside the held-out guard (GUARD=stop), the last model and iteration 2.
 
 Command (M = 0 means all of the iteration's pairs):
-    python study_guard.py --out runs/guard --runs runs/long runs/noisy [--spot-pairs 16 32 0]         [--thresholds 0.7 0.8] [--drops 0.1 0.15 0.25] [--draws 200] [--seed 0]
+    python -m toy.study_guard --out runs/guard --runs runs/long runs/noisy [--spot-pairs 16 32 0]         [--thresholds 0.7 0.8] [--drops 0.1 0.15 0.25] [--draws 200] [--seed 0]
 
-Reads:  every run folder under --runs (a folder with eval/oracle_report.json, toy.py report's, and
+Reads:  every run folder under --runs (a folder with eval/oracle_report.json, toy.report's, and
         iter_XX/pairs.jsonl); its toy_world.data.json (the rater); eval/guard/guard.json if any.
 Writes: <out>/guard.json (every run's choices per setting), guard.md (tables), guard.png (keeps
         the peak / score given up against M), guard.args.json, log.txt.
@@ -35,7 +35,7 @@ log = logging.getLogger("sail")
 
 
 def find_runs(folders):
-    """Run folders under folders (themselves included) that toy.py report has scored, sorted."""
+    """Run folders under folders (themselves included) that toy.report has scored, sorted."""
     found = {p.parent.parent.resolve() for f in folders for p in Path(f).glob("**/eval/oracle_report.json")}
     runs = sorted(r for r in found if (r / "iter_01" / "pairs.jsonl").is_file())
     if not runs:
@@ -66,7 +66,7 @@ def load_run(run):
 
 def human_agrees(score_w, score_l, rater_noise, tie_margin, rng):
     """The run's human on one self pair: True if they prefer the self-reward's winner, None for a tie
-    (toy.py's rater: ties by the oracle's tie margin dropped, then Bradley-Terry at rater_noise)."""
+    (toy/data.py's rater: ties by the oracle's tie margin dropped, then Bradley-Terry at rater_noise)."""
     choice = rater_choice(score_w, score_l, tie_margin, rater_noise, rng.random)
     return None if choice is None else choice == 0
 

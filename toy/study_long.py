@@ -2,17 +2,17 @@
 measured after every iteration, and whether the drift guard (which needs no oracle) finds the
 iteration where the oracle score peaks.
 
-    python study_long.py --out runs/long --jobs 3 --share-jobs 3 --threads 1
+    python -m toy.study_long --out runs/long --jobs 3 --share-jobs 3 --threads 1
 is short for, per data seed (default 2, 3, 4, which tuned nothing):
-    python toy.py data --run <out>/seed_<s> --seed <s> --n-pools 6 --val-pairs 500
+    python -m toy.data --run <out>/seed_<s> --seed <s> --n-pools 6 --val-pairs 500
     RUN=<out>/seed_<s>/human_<h> HUMAN_SHARE=<h> GUARD=report bash run_all.sh toy 6   # h = 0, 0.25, 0.75
-    python toy.py report --run <out>/seed_<s>/human_<h>
+    python -m toy.report --run <out>/seed_<s>/human_<h>
 then the measures below. Other settings through --data-args / --train-args (--val-pairs 0: no
 guard), and several outputs side by side, e.g. passes over each iteration's pairs (README):
-    python study_long.py --out runs/passes/steps30 --seeds 0 1 --human-shares 0.25 --iterations 4         --val-pairs 0 --data-args="--n-universe 288" --train-args="--lr 1e-5 --max-steps 30"
-    python study_long.py --out runs/passes --compare runs/passes/steps300 runs/passes/steps30
+    python -m toy.study_long --out runs/passes/steps30 --seeds 0 1 --human-shares 0.25 --iterations 4         --val-pairs 0 --data-args="--n-universe 288" --train-args="--lr 1e-5 --max-steps 30"
+    python -m toy.study_long --out runs/passes --compare runs/passes/steps300 runs/passes/steps30
 The plumbing on tiny random-weight models, in a minute or two:
-    python study_long.py --out /tmp/long --preset tiny-sd15 --quick --seeds 0 --iterations 2
+    python -m toy.study_long --out /tmp/long --preset tiny-sd15 --quick --seeds 0 --iterations 2
 
 Per iteration (0 = DPO on the seed) of every run: the oracle score of 256 eval images, the gain and
 win rate against the base on the same seeds, caption following and taste (the oracle's two
@@ -25,7 +25,7 @@ The guard: for each run, the iteration with the best held-out accuracy (what gua
 where GUARD=stop would end the loop (the accuracy more than 0.02 below the best so far), and the
 oracle's peak; how often they agree and how much oracle score the guard's choice gives up.
 
-Reads:  nothing; the toy base model is built once and cached (python toy_base.py).
+Reads:  nothing; the toy base model is built once and cached (python -m toy.base).
 Writes: <out>/seed_<s>/ (the data, human_<h>/ = a run_all.sh run folder with eval/long.json, study.log),
         then <out>/long.json (every number per seed), long.md (tables), long.png (one panel per
         measure against the iteration), long.args.json, log.txt; with --compare: <out>/compare.json,
@@ -245,11 +245,11 @@ def compare(args):
     table, lines = {}, ["## Settings compared (mean ± sd over seeds)", ""]
     for folder in args.compare:
         if not (folder / "long.json").is_file():
-            raise common.SailError(f"{folder / 'long.json'} not found: --compare takes finished study_long.py outputs")
+            raise common.SailError(f"{folder / 'long.json'} not found: --compare takes finished toy/study_long.py outputs")
         numbers = json.loads((folder / "long.json").read_text())
         made = json.loads((folder / "long.args.json").read_text())
         seeds = [s["seed"] for s in numbers["per_seed"]]
-        lines.append(f"- {folder.name}: data seeds {', '.join(map(str, seeds))}; toy.py data {made.get('data_args') or '(defaults)'}; "
+        lines.append(f"- {folder.name}: data seeds {', '.join(map(str, seeds))}; toy.data {made.get('data_args') or '(defaults)'}; "
                      f"00/04 {made.get('train_args') or preset_training(made.get('preset', 'toy'))}")
         for name, t in numbers["summary"].items():
             label = f"{folder.name}, {name.replace('human_', '')} human"
@@ -292,8 +292,8 @@ def build_parser():
     p.add_argument("--share-jobs", type=int, default=1, help="runs of one seed side by side")
     p.add_argument("--val-pairs", type=int, default=500, help="held-out human pairs for the drift guard (0: no guard)")
     p.add_argument("--tolerance", type=float, default=0.02, help="the drift guard's GUARD_TOLERANCE")
-    p.add_argument("--rater-noise", type=float, default=0.0, help="toy.py data --rater-noise: a noisy human (0: the oracle)")
-    p.add_argument("--data-args", default="", help="extra flags for toy.py data, e.g. '--pool-size 128 --n-universe 288'")
+    p.add_argument("--rater-noise", type=float, default=0.0, help="toy.data --rater-noise: a noisy human (0: the oracle)")
+    p.add_argument("--data-args", default="", help="extra flags for toy.data, e.g. '--pool-size 128 --n-universe 288'")
     p.add_argument("--train-args", default="", help="extra flags for 00/04, e.g. '--lr 1e-5 --max-steps 30'")
     p.add_argument("--compare", type=Path, nargs="+", help="instead of running: tabulate these study outputs side by side in --out")
     add_study_flags(p)

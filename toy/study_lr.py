@@ -3,19 +3,19 @@ also at several step counts), so that SAIL is compared with a baseline tuned as 
 
 Tune on the data seeds that tuned the toy world (0 and 1), then report the chosen values on the
 study's seeds (2, 3, 4), which no one tuned on:
-    python study_lr.py --out runs/lr_tune --seeds 0 1 --jobs 2 --threads 1
-    python study_lr.py --out runs/lr_study --seeds 2 3 4 --dpo 3e-5:300 --sail-lrs 1e-6 --jobs 2 --threads 1
-With the noisy human (every label by toy.py's rater at T = 0.2), DPO on all labels only:
-    python study_lr.py --out runs/noisy_lr --seeds 2 3 --rater-noise 0.2 --dpo 1e-4:100 1e-6:300 --sail-lrs --jobs 2 --threads 1
+    python -m toy.study_lr --out runs/lr_tune --seeds 0 1 --jobs 2 --threads 1
+    python -m toy.study_lr --out runs/lr_study --seeds 2 3 4 --dpo 3e-5:300 --sail-lrs 1e-6 --jobs 2 --threads 1
+With the noisy human (every label by toy/data.py's rater at T = 0.2), DPO on all labels only:
+    python -m toy.study_lr --out runs/noisy_lr --seeds 2 3 --rater-noise 0.2 --dpo 1e-4:100 1e-6:300 --sail-lrs --jobs 2 --threads 1
 The plumbing on tiny random-weight models, in a minute or two:
-    python study_lr.py --out /tmp/lr --preset tiny-sd15 --quick --seeds 0 --dpo 1e-4:2 --sail-lrs 1e-4 --iterations 1
+    python -m toy.study_lr --out /tmp/lr --preset tiny-sd15 --quick --seeds 0 --dpo 1e-4:2 --sail-lrs 1e-4 --iterations 1
 
-Per seed, in order: the toy's data with every universe pair labelled (toy.py data --all-labels, as
-study_toy.py makes it); DPO on all labels from the base model for each --dpo LR:STEPS; the SAIL loop
+Per seed, in order: the toy's data with every universe pair labelled (toy.data --all-labels, as
+toy/study.py makes it); DPO on all labels from the base model for each --dpo LR:STEPS; the SAIL loop
 (run_all.sh, iteration 0 included, every DPO stage at that lr) for each --sail-lrs value, on the
 same seed pairs and prompt pools; the oracle report of every model (the same eval seeds for all).
 
-Reads:  nothing; the toy base model is built once and cached (python toy_base.py).
+Reads:  nothing; the toy base model is built once and cached (python -m toy.base).
 Writes: <out>/seed_<s>/ (the data, dpo_lr<lr>_<steps>/ckpt, sail_lr<lr>/ = a run_all.sh run folder,
         eval/, study.log with every stage's output), then <out>/lr_sweep.json (every number per
         seed, stage times), lr_sweep.md (table), lr_sweep.png (gain and caption following against
@@ -54,7 +54,7 @@ def sail_name(lr):
 
 def share_seed_data(run, folder):
     """The seed's data in a SAIL run folder: pools, eval prompts, the seed pairs and any held-out
-    pairs with their images, hard-linked (toy.py data would make the same files again).
+    pairs with their images, hard-linked (toy.data would make the same files again).
     seed/pairs.jsonl comes last: run_all.sh takes it as the sign that the data is there."""
     if (folder / "seed" / "pairs.jsonl").is_file():
         return
@@ -64,7 +64,7 @@ def share_seed_data(run, folder):
     names = ["pools/" + p.name for p in sorted((run / "pools").glob("*.jsonl"))]
     names += ["eval/prompts.jsonl", "toy_world.data.json", "seed/stats.json"]
     names += sorted({f"seed/{p[side]}" for p in pairs for side in ("image_w", "image_l")})
-    if files.val_pairs_path(run).is_file():  # held-out pairs (toy.py data --val-pairs): the drift guard's
+    if files.val_pairs_path(run).is_file():  # held-out pairs (toy.data --val-pairs): the drift guard's
         val = files.read_jsonl(files.val_pairs_path(run))
         names += sorted({f"val/{p[side]}" for p in val for side in ("image_w", "image_l")}) + ["val/pairs.jsonl"]
         (folder / "val" / "images").mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def build_parser():
     p.add_argument("--dpo", type=dpo_setting, nargs="*",
                    default=[(lr, 300) for lr in (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4)],
                    help="LR:STEPS of each DPO-on-all-labels run (default: lr 1e-6 ... 3e-4 at 300 steps)")
-    p.add_argument("--rater-noise", type=float, default=0.0, help="toy.py data --rater-noise: a noisy human (0: the oracle)")
+    p.add_argument("--rater-noise", type=float, default=0.0, help="toy.data --rater-noise: a noisy human (0: the oracle)")
     p.add_argument("--sail-lrs", type=float, nargs="*", default=[1e-6, 3e-6, 1e-5], help="lr of each SAIL run")
     add_study_flags(p)
     return p

@@ -1,12 +1,12 @@
 """The toy world: a CPU-sized stand-in for SD1.5 + Pick-a-Pic + human raters, so the whole SAIL
 loop runs end to end in minutes on a laptop, with a hidden "human" to tell whether it worked.
-This file is the world alone (numpy): its pictures and its hidden human. `toy.py` writes a run's
-data from it and reports the oracle's scores; `toy_base.py` pretrains the toy base model on it.
+This file is the world alone (numpy): its pictures and its hidden human. `toy/data.py` writes a run's
+data from it and reports the oracle's scores; `toy/base.py` pretrains the toy base model on it.
 
 - The world: 32x32 pictures of one coloured shape ("a small red circle at the top left"; 8 colours,
   4 shapes, 3 sizes, 9 positions = 864 captions), drawn by a procedural renderer. The pretraining
   pictures are drawn like web images: often blurred, noisy, speckled, off-colour or miscaptioned.
-- The toy base model (toy_base.py): the real architectures (AutoencoderKL with 4x downsampling,
+- The toy base model (toy/base.py): the real architectures (AutoencoderKL with 4x downsampling,
   32x32x3 pixels to 8x8x4 latents; CLIPTextModel with a CLIPTokenizer that has one token per word
   of the world; UNet2DConditionModel; DDIMScheduler), pretrained for a few minutes on that world,
   deterministically, and cached. Brief pretraining on messy data leaves it imperfect, as a base
@@ -276,7 +276,7 @@ def choice_from_scores(a, b, tie_margin=0.02):
 
 def rater_win_probability(a, b, rater_noise):
     """The noisy rater's chance of choosing the image scored a over the one scored b: Bradley-Terry
-    on the oracle's scores at temperature rater_noise (toy.py data --rater-noise)."""
+    on the oracle's scores at temperature rater_noise (toy.data --rater-noise)."""
     return 1 / (1 + math.exp(-(a - b) / rater_noise))
 
 

@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, load_stage
-from helpers import make_pairs
+from helpers import make_pairs, run_train, unet_state
 
-from sail import common, models
+from sail import models
 
 train = load_stage("04_train")
-
-
-def run_train(*argv):
-    common.run_stage(train.locked_main, train.build_parser().parse_args([str(a) for a in argv]))
-
-
-def unet_state(ckpt):
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel.from_pretrained(ckpt / "unet").state_dict()
 
 
 @pytest.mark.parametrize("preset", ["tiny-sd15", "tiny-sdxl"])

@@ -1,4 +1,4 @@
-"""prepare_pickapic.py on small generated shards with the Pick-a-Pic v2 schema: ties, duplicate prompts
+"""tools/prepare_pickapic.py on small generated shards with the Pick-a-Pic v2 schema: ties, duplicate prompts
 (differing in case and spaces), a corrupt JPEG, a shard missing a column, several row groups."""
 import collections
 import io

@@ -1,6 +1,6 @@
-"""spot_check.py (GUARD=spot): a made-up run whose self pairs the toy's oracle judges right or wrong by
+"""tools/spot_check.py (GUARD=spot): a made-up run whose self pairs the toy's oracle judges right or wrong by
 construction, labelled by the toy's human and through the labelling page by a test that plays the
-human over HTTP; the rule it applies is the one study_guard.py replays."""
+human over HTTP; the rule it applies is the one toy/study_guard.py replays."""
 import json
 import shutil
 import signal
@@ -44,7 +44,7 @@ def fake_run(folder, rater_noise=0.0):
             rows.append(dict(prompt=prompt, prompt_id=f"p{j}", image_w=f"images/p{j}_{w}.png",
                              image_l=f"images/p{j}_{l}.png", source="self", p=0.9))
         files.write_jsonl_atomic(iter_dir / "pairs.jsonl", rows)
-    files.write_json_atomic(folder / "world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
+    files.write_json_atomic(folder / "toy_world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
     files.write_json_atomic(folder / "eval" / "oracle_report.json", {
         "base": dict(mean=0.2), **{files.iteration_name(i): dict(mean=0.3) for i in range(4)}})
     return folder
@@ -76,7 +76,7 @@ def test_the_toy_human_and_the_rule(tmp_path, drop, stopped_before):
     if stopped_before:
         assert record["stopped_before"] == f"iter_{stopped_before:02d}"
         assert record["keep"] == str(files.checkpoint_dir(run, stopped_before - 1))
-    # the loop's decision is the one study_guard.py replays on finished runs
+    # the loop's decision is the one toy/study_guard.py replays on finished runs
     replayed = study_guard.spot_check_keeps(study_guard.load_run(run), 0, "drop", drop, np.random.default_rng(0))
     assert replayed == (stopped_before - 1 if stopped_before else 3)
     judged = [json.loads(line) for line in (run / "eval" / "spot" / "iter_01" / "judgements.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""import_pairs.py on small made-up sources: a CSV / JSONL pair file, a saved Hugging Face dataset with renamed
+"""tools/import_pairs.py on small made-up sources: a CSV / JSONL pair file, a saved Hugging Face dataset with renamed
 columns, rankings; winners, ties, bad rows named by file and line, undecodable images, seed fractions, disjoint
 pools and validation prompts, reruns; and the seed DPO stage training on the result."""
 import csv

@@ -175,7 +175,7 @@ def test_noisy_rater_is_bradley_terry_on_the_oracle_and_one_label_per_slot(monke
 
 
 def test_rater_choice_draws_only_for_a_noisy_non_tie():
-    """The toy's human (toy.py's labels, spot_check.py's toy labeller, study_guard.py's replay)."""
+    """The toy's human (toy/data.py's labels, tools/spot_check.py's toy labeller, toy/study_guard.py's replay)."""
     calls = []
 
     def uniform():

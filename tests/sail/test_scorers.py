@@ -95,7 +95,7 @@ def test_hpsv2_score_is_the_authors_formula_on_tiny_open_clip(hps):
 # ---------------------------------------------------------------- ImageReward
 def imagereward_transform(n_px=224):
     """github:THUDM/ImageReward c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb ImageReward/ImageReward.py _transform
-    (the image-reward package does not import under transformers 5; see scorers.py)."""
+    (the image-reward package does not import under transformers 5; see sail/scorers.py)."""
     return Compose([Resize(n_px, interpolation=InterpolationMode.BICUBIC), CenterCrop(n_px),
                     lambda im: im.convert("RGB"), ToTensor(), Normalize(MEAN, STD)])
 

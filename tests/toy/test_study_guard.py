@@ -1,4 +1,4 @@
-"""study_guard.py: the spot check and the held-out study_guard replayed on a made-up finished run whose
+"""toy/study_guard.py: the spot check and the held-out study_guard replayed on a made-up finished run whose
 self pairs the oracle judges right or wrong by construction, with known answers."""
 import json
 
@@ -28,7 +28,7 @@ def fake_run(folder, rater_noise=0.0, heldout=None):
         files.write_jsonl_atomic(folder / files.iteration_name(i) / "pairs.jsonl", rows)
     report = {"base": dict(mean=0.26)} | {files.iteration_name(i): dict(mean=s) for i, s in enumerate(SCORES)}
     files.write_json_atomic(folder / "eval" / "oracle_report.json", report)
-    files.write_json_atomic(folder / "world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
+    files.write_json_atomic(folder / "toy_world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
     if heldout:
         files.write_json_atomic(folder / "eval" / "guard" / "study_guard.json",
                                     dict(accuracy={files.iteration_name(i): a for i, a in enumerate(heldout)}))

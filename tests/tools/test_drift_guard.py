@@ -1,4 +1,4 @@
-"""drift_guard.py: the best iteration by held-out self-reward accuracy, and when to stop."""
+"""tools/drift_guard.py: the best iteration by held-out self-reward accuracy, and when to stop."""
 import json
 
 import pytest

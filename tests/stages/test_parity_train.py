@@ -1,4 +1,4 @@
-"""One DiffusionDPO training step of the kit (04_train.py, dpo_maths.py, sail_models.py) against a
+"""One DiffusionDPO training step of the kit (04_train.py, sail/dpo.py, sail/models.py) against a
 transcription of the official reference, on the tiny SD1.5 and SDXL models: pixels, latents, text
 conditioning, UNet inputs, loss and every gradient of the trained UNet.
 
@@ -200,7 +200,7 @@ def test_one_dpo_step_matches_the_reference(tmp_path, arch):
     assert abs(out.loss.item() - np.log(2)) > 1e-2, "policy == reference would make the loss log 2 and compare nothing"
     diffs["loss"] = max_diff(out.loss, ref_loss)
     assert torch.equal(out.loss, ref_loss)
-    # gradients to the bit: dpo_maths.py forms inside in the reference's order, -beta/2 ((e_w - e_l) - (ref_w - ref_l));
+    # gradients to the bit: sail/dpo.py forms inside in the reference's order, -beta/2 ((e_w - e_l) - (ref_w - ref_l));
     # in another order beta/2 x an ulp of the errors moves the pairs' weights (1e-5 of the gradient's norm)
     ref_grads = {name: p.grad for name, p in ref_path_unet.named_parameters()}
     sq_err = sq_ref = worst = 0.0

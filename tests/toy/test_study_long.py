@@ -1,4 +1,4 @@
-"""study_long.py: the long runs' commands, per-iteration measures, diversity, the drift guard's choices,
+"""toy/study_long.py: the long runs' commands, per-iteration measures, diversity, the drift guard's choices,
 table and plot; slow: the whole study_long on tiny models."""
 import json
 import subprocess
@@ -189,8 +189,8 @@ def test_compare_settings(tmp_path):
                                             str(tmp_path / "steps30")])
     study_long.main(args)
     text = (tmp_path / "out" / "compare.md").read_text()
-    assert "- steps30: data seeds 0, 1; toy.py data --pool-size 128; 00/04 --lr 1e-5 --max-steps 30" in text
-    assert "- steps300: data seeds 0, 1; toy.py data (defaults); 00/04 (the toy preset: 300 steps of 32 pairs at lr 1e-06)" in text
+    assert "- steps30: data seeds 0, 1; toy.data --pool-size 128; 00/04 --lr 1e-5 --max-steps 30" in text
+    assert "- steps300: data seeds 0, 1; toy.data (defaults); 00/04 (the toy preset: 300 steps of 32 pairs at lr 1e-06)" in text
     assert "| steps300, 0.25 human | 1 | 86 | 112 | " in text  # 300 x 32 / 85 and / 86, averaged
     assert "| steps30, 0.25 human | 2 | 170 | 6 | " in text
     assert "0.355 ± 0.007" not in text and "| steps30, 0.25 human | 1 | 170 | 6 | +0.155 ± 0.007 |" in text

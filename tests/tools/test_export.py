@@ -1,4 +1,4 @@
-"""export.py: the single file against diffusers' own loader (from_single_file) and against the key tables of
+"""tools/export.py: the single file against diffusers' own loader (from_single_file) and against the key tables of
 huggingface/diffusers scripts/convert_diffusers_to_original_stable_diffusion.py and
 scripts/convert_diffusers_to_original_sdxl.py at commit 58eb52c0803ea9af3abec60841c2a093bdf1f951; the
 export of a run folder (pipeline, LoRA, model card, upload list, rerun), and a push without network."""
@@ -156,7 +156,7 @@ def script_convert_vae(state):
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_key_maps_equal_the_scripts_on_the_released_architectures(arch):
-    """The released models have the block counts the scripts hard-code: there export.py must give the
+    """The released models have the block counts the scripts hard-code: there tools/export.py must give the
     scripts' names to every weight (of the full-size models, built without memory on the meta device)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     configs = released_configs(arch)

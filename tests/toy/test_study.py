@@ -1,4 +1,4 @@
-"""study_toy.py: the table and plot writer on made-up numbers, and the whole study on tiny models."""
+"""toy/study.py: the table and plot writer on made-up numbers, and the whole study on tiny models."""
 import json
 import subprocess
 import sys

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, load_stage
-from helpers import make_pairs
-from test_train import run_train, train_killed_and_resumed, unet_state
+from helpers import make_pairs, run_train, unet_state
+from test_train import train_killed_and_resumed
 
 from sail import dpo, lora, models
 

@@ -50,7 +50,7 @@ def test_tiny_sd15_two_iterations(tmp_path):
     # every output and every .json beside it; not the logs, the OS lock each stage takes, or the oracle
     # report and its arguments, which the report step writes anew from its cached scores on every run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "log" not in p.name
-              and p.name not in (".lock", "oracle_report.json", "world.report.args.json")}
+              and p.name not in (".lock", "oracle_report.json", "toy_world.report.args.json")}
     again = run_all(run_dir, "tiny-sd15", 2)
     assert "skipping" in (run_dir / "iter_02" / "log.txt").read_text()
     assert "data (toy world)" not in again
@@ -72,7 +72,7 @@ def test_tiny_sd15_two_iterations(tmp_path):
 
 
 def test_drift_guard_reports_and_stops_the_loop(tmp_path):
-    """With held-out pairs (toy.py data --val-pairs) the guard scores them after the seed DPO and each
+    """With held-out pairs (toy.data --val-pairs) the guard scores them after the seed DPO and each
     iteration; GUARD=stop ends the loop after the first iteration whose accuracy fell below the best by
     more than the tolerance (here any fall at all, and a tie too: tolerance -1 stops after iteration 1)."""
     run_dir = tmp_path / "run"

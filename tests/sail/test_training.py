@@ -1,4 +1,4 @@
-"""train_tools.py through 04_train.py: trackers, validation images during training, gradient
+"""sail/training.py through 04_train.py: trackers, validation images during training, gradient
 accumulation through accelerate, the latent cache and the memory it takes, optional packages, and
 the accelerate config files in configs/."""
 import json
@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from helpers import make_pairs
+from helpers import make_pairs, run_train, unet_state
 from PIL import Image
-from test_train import run_train, unet_state
 
 from sail import batches, common, files, models, training
 

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-KIT = Path(__file__).resolve().parents[1]
+KIT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import importlib.metadata, importlib.util, sys

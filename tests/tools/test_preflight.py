@@ -1,4 +1,4 @@
-"""preflight.py (`bash run_all.sh PRESET T --check`) on the tiny models: every unit runs through the
+"""tools/preflight.py (`bash run_all.sh PRESET T --check`) on the tiny models: every unit runs through the
 stages' own code, and a wrong noising or a folder that is not its own stops it with one message."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""label.py: the prompt split, the labelling server (bad requests, reservations, undo, restart after a kill),
+"""tools/label.py: the prompt split, the labelling server (bad requests, reservations, undo, restart after a kill),
 --finish's seed pairs and pools, the page in a real headless Chromium, and candidates drawn through 01_generate.py."""
 import json
 import os
@@ -20,7 +20,7 @@ from tools import label, label_server
 from sail.common import SailError
 from helpers import COLOURS, coloured_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_prompts(path, n=14):

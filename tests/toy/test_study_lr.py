@@ -1,4 +1,4 @@
-"""study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole study_lr on tiny models."""
+"""toy/study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole study_lr on tiny models."""
 import argparse
 import collections
 import json
