@@ -91,26 +91,27 @@ def main(args):
         files.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
     state.wait_for_everyone()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if not files.image_is_complete(out / j["image"])]
-    # whole batches go to processes, so every image is made in the same batch as in one process
-    batches = [todo[b:b + args.gen_batch] for b in range(0, len(todo), args.gen_batch)][state.process_index::state.num_processes]
-    mine = [j for batch in batches for j in batch]
-    files.check_free_space(out, len(todo) * args.resolution ** 2 * 3 // 2, f"{len(todo)} PNG images")  # PNG ~ half of raw
-    log.info("%d prompts x %d candidates from %s: %d images to make (%d there already) | %s %d steps cfg %g %dpx",
-             len(prompts), args.num_candidates, args.ckpt, len(todo), len(jobs) - len(todo), args.sampler, args.steps,
+    batches = generation.missing_batches(jobs, args.gen_batch, lambda job: out / job["image"])
+    mine = batches[state.process_index::state.num_processes]  # whole batches: the same batches as one process draws
+    todo = sum(len(batch) for batch in batches)
+    files.check_free_space(out, todo * args.resolution ** 2 * 3 // 2, f"{todo} PNG images")  # PNG ~ half of raw
+    log.info("%d prompts x %d candidates from %s: %d images in batches to draw (%d there already) | %s %d steps cfg %g %dpx",
+             len(prompts), args.num_candidates, args.ckpt, todo, len(jobs) - todo, args.sampler, args.steps,
              args.cfg, args.resolution)
 
     if mine:
         dtype = models.inference_dtype(state.device, args.mixed_precision)
         pipe = models.load_pipeline(desc, state.device, dtype, sampler=args.sampler)
         pipe.unet = models.speed_up(pipe.unet, args.compile, args.fuse_qkv, args.channels_last)
-        start = time.time()
-        for first, images in generation.draw_images(pipe, [j["prompt"] for j in mine], [j["seed"] for j in mine], args.steps,
-                                                args.cfg, args.resolution, args.gen_batch, f"generate[{state.process_index}]"):
-            for job, image in zip(mine[first:], images):
-                files.save_image_atomic(image, out / job["image"])
-        timing = files.save_timing(out, f"generate.{state.process_index}", len(mine), "images", time.time() - start)
-        log.info("made %d images in %.1f s (%.2f images/s)", len(mine), timing["seconds"], timing["rate"])
+        start, made = time.time(), 0
+        for batch, images in generation.draw_batches(pipe, mine, args.steps, args.cfg, args.resolution,
+                                                     f"generate[{state.process_index}]"):
+            for job, image in zip(batch, images):
+                if not files.image_is_complete(out / job["image"]):  # its batch-mates made earlier stay as they are
+                    files.save_image_atomic(image, out / job["image"])
+                    made += 1
+        timing = files.save_timing(out, f"generate.{state.process_index}", made, "images", time.time() - start)
+        log.info("made %d images in %.1f s (%.2f images/s)", made, timing["seconds"], timing["rate"])
 
     state.wait_for_everyone()
     if state.is_main_process:

@@ -37,9 +37,24 @@ from sail import files, reports
 from sail.batches import encode_images, encode_prompts
 from sail.common import SailError, derive_seed, progress, run_stage, setup_logging
 from sail.dpo import BETA
-from sail.files import folder_lock, image_is_complete, image_name, iteration_checkpoints, iteration_name, iteration_number, load_image, read_jsonl, read_pairs, save_args, save_image_atomic, strip_private, write_json_atomic, write_jsonl_atomic
-from sail.generation import draw_images
-from sail.metrics import LazyScorer, METRICS, check_metric, load_scorer
+from sail.files import (
+    folder_lock,
+    image_is_complete,
+    image_name,
+    iteration_checkpoints,
+    iteration_name,
+    iteration_number,
+    load_image,
+    read_jsonl,
+    read_pairs,
+    save_args,
+    save_image_atomic,
+    strip_private,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from sail.generation import draw_batches, missing_batches
+from sail.metrics import METRICS, LazyScorer, check_metric, load_scorer
 from sail.models import describe_model, inference_dtype, load_pipeline, load_unet, pick_device, read_checkpoint_info
 from sail.self_reward import DRAW_SCHEMES, self_rewards
 from sail.settings import PRESETS
@@ -124,19 +139,21 @@ def generate(desc, bench_dir, rows, settings, gen_batch, device, pipe_cache):
                         f"use another --out or delete that folder")
     write_json_atomic(info, settings)
     (bench_dir / "images").mkdir(parents=True, exist_ok=True)
-    jobs = [(r["prompt"], bench_dir / "images" / image_name(r["prompt_id"], k),
-             derive_seed(settings["seed"], r["prompt_id"], k)) for r in rows for k in range(settings["images_per_prompt"])]
-    todo = [j for j in jobs if not image_is_complete(j[1])]
-    log.info("%s: %d images to draw, %d there already", bench_dir, len(todo), len(jobs) - len(todo))
-    if not todo:
+    jobs = [dict(prompt=r["prompt"], path=bench_dir / "images" / image_name(r["prompt_id"], k),
+                 seed=derive_seed(settings["seed"], r["prompt_id"], k))
+            for r in rows for k in range(settings["images_per_prompt"])]
+    batches = missing_batches(jobs, gen_batch, lambda job: job["path"])
+    todo = sum(len(batch) for batch in batches)
+    log.info("%s: %d images in batches to draw, %d there already", bench_dir, todo, len(jobs) - todo)
+    if not batches:
         return
     if "pipe" not in pipe_cache:
         dtype = inference_dtype(device, preset_of(desc)["mixed_precision"])
         pipe_cache["pipe"] = load_pipeline(desc, device, dtype, sampler=settings["sampler"])
-    for first, images in draw_images(pipe_cache["pipe"], [j[0] for j in todo], [j[2] for j in todo], settings["steps"],
-                                     settings["cfg"], settings["resolution"], gen_batch):
-        for (_, path, _), image in zip(todo[first:], images):
-            save_image_atomic(image, path)
+    for batch, images in draw_batches(pipe_cache["pipe"], batches, settings["steps"], settings["cfg"], settings["resolution"]):
+        for job, image in zip(batch, images):
+            if not image_is_complete(job["path"]):
+                save_image_atomic(image, job["path"])
 
 
 def read_scores(bench_dir):

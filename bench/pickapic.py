@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
-
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,11 +29,12 @@ import math
 import tempfile
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
-from sail import batches, common, configs, dpo, files, models, self_reward, settings, tiny, training
 
+from sail import batches, common, configs, dpo, files, models, self_reward, settings, tiny, training
 
 train = importlib.import_module("04_train")
 PROMPT = "a red square on the left"

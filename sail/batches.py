@@ -3,13 +3,15 @@ transform does (resize, crop, flip), prompts and images encoded (text encoders, 
 latents for pairs seen again.
 """
 import random
+from collections import Counter
+
 import numpy as np
 import torch
 from PIL import Image
+
 from sail import common
 from sail.common import derive_seed
 from sail.files import load_image
-from collections import Counter
 
 
 def load_pair_pixels(row, resolution, seed, random_crop, flip):

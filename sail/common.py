@@ -9,7 +9,6 @@ import sys
 import warnings
 from pathlib import Path
 
-
 warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -10,7 +10,6 @@ time-id layout) shows on a CPU too.
 """
 import copy
 
-
 # scheduler/scheduler_config.json. SD1.5 samples with PNDM, SDXL with Euler; training and the
 # self-reward noise with DDPM's forward process built from these (dpo_maths.forward_process).
 SCHEDULERS = {

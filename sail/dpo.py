@@ -17,9 +17,9 @@ without the 1/2, so its `beta_dpo` is half of this beta (its 2500 equals our 500
 """
 import contextlib
 from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-
 
 BETA = 5000.0  # the paper's and DiffusionDPO's beta (see above)
 

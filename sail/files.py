@@ -15,7 +15,9 @@ import socket
 import sys
 import time
 from pathlib import Path
+
 from PIL import Image
+
 from sail.common import SailError
 
 

@@ -3,8 +3,8 @@ held-out human pairs, per iteration, and where it fell below its best) and the s
 agreement with the self-labelled pairs, and when it fell far enough to stop).
 """
 import json
-from sail import common, files
 
+from sail import common, files
 
 STOP = 3  # exit status that tells run_all.sh to end the loop
 

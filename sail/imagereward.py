@@ -5,10 +5,11 @@
 import json
 import string
 from pathlib import Path
+
 import torch
+
 from sail.common import CACHE_DIR, SailError
 from sail.scorers import AestheticMLP, Scorer, _from_pretrained, clip_pixels, location
-
 
 # ImageReward.pt's names (BLIP's vit.py and med.py) -> BlipReward's (transformers' port of BLIP), in this order
 IMAGEREWARD_RENAMES = [("blip.text_encoder.", "text_encoder."), ("blip.visual_encoder.", "visual_encoder."),

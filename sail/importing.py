@@ -4,11 +4,21 @@ disjoint from every other prompt set, and the check that a run folder holds this
 """
 import hashlib
 import heapq
-from pathlib import Path
-import numpy as np
-from sail.common import SailError
-from sail.files import check_pools_disjoint, check_settings, normalise_prompt, pool_paths, read_jsonl, seed_pairs_path, val_pairs_path
 import logging
+from pathlib import Path
+
+import numpy as np
+
+from sail.common import SailError
+from sail.files import (
+    check_pools_disjoint,
+    check_settings,
+    normalise_prompt,
+    pool_paths,
+    read_jsonl,
+    seed_pairs_path,
+    val_pairs_path,
+)
 
 log = logging.getLogger("sail")
 

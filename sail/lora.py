@@ -1,8 +1,8 @@
 """LoRA through peft for 04_train.py: the adapter on the UNet's attention projections, and the
 adapter alone saved in the layout `pipe.load_lora_weights(folder)` reads. peft is needed only here."""
 import torch
-from sail.common import SailError, derive_seed
 
+from sail.common import SailError, derive_seed
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of every transformer block
 

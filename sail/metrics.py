@@ -2,10 +2,10 @@
 tiny ones): what each needs installed, loading a scorer, and loading it only when first used.
 """
 import torch
+
 from sail.common import SailError
 from sail.imagereward import ImageReward, tiny_imagereward
 from sail.scorers import Aesthetic, HPSv2, PickScore, Scorer, _tiny_aesthetic, optional_import, tiny_clip
-
 
 # name -> (table label, decimals, factory(path, **kw))
 METRICS = {

@@ -7,13 +7,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
-from sail.common import SailError
+
+from sail.common import CACHE_DIR, SailError
 from sail.files import relative_to, write_json_atomic
-from sail.common import CACHE_DIR
 from sail.settings import PRESETS, get_preset
 from sail.tiny import build_tiny_pipeline, tiny_model_dir
-
 
 TOY_BASE_NAME = "toy-base-v1"  # the toy world's base model, CACHE_DIR/TOY_BASE_NAME, made by toy/base.py
 

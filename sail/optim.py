@@ -1,6 +1,7 @@
 """The optimizers of DiffusionDPO training: AdamW (SD1.5 in the paper), Adafactor (SDXL) and 8-bit AdamW.
 """
 import torch
+
 from sail.common import SailError
 
 

@@ -2,6 +2,7 @@
 (best vs worst by default, the paper's; random for the Table 5 ablation), and when they tie.
 """
 import random
+
 from sail import common
 
 

@@ -1,14 +1,16 @@
 """Statistics and reports built from scores: bootstrap confidence intervals, paired comparisons,
 accuracy and markdown tables, image grids and metric plots.
 """
+import logging
 import math
 import os
 import textwrap
 from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
 from sail.common import SailError
-import logging
 
 log = logging.getLogger("sail")
 

@@ -21,12 +21,13 @@ import importlib
 import math
 import os
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sail.common import CACHE_DIR, SailError
 
+from sail.common import CACHE_DIR, SailError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
@@ -265,6 +266,7 @@ class HPSv2(Scorer):
 def tiny_clip(seed=0, image_size=32):
     """A small random-weight CLIPModel and its processor, built offline (same seed, same weights)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
     from sail.tiny import write_byte_tokenizer
     folder = CACHE_DIR / "tiny-clip-tokenizer"
     vocab = write_byte_tokenizer(folder)

@@ -7,9 +7,10 @@ draw schemes.
 with e_m the mean squared error of model m's noise prediction over the latent's elements.
 """
 import math
-import torch
-from sail.dpo import BETA, forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
 
+import torch
+
+from sail.dpo import BETA, forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
 
 DRAW_SCHEMES = ("iid", "stratified", "antithetic", "stratified-antithetic")
 

@@ -2,8 +2,8 @@
 settings, as in the paper (section 5.1) for sd15 and sdxl.
 """
 import os
-from sail.common import SailError
 
+from sail.common import SailError
 
 # Generation and training defaults follow the paper (section 5.1); `model` is a hub id, a local
 # folder, or a kit-built model ("tiny:sd15", "tiny:sdxl", "toy"). SAIL_SD15_PATH / SAIL_SDXL_PATH

@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+
 import torch
-from sail.common import SailError
-from sail.common import CACHE_DIR
+
+from sail.common import CACHE_DIR, SailError
 
 
 def write_byte_tokenizer(folder):
@@ -38,6 +39,7 @@ def build_tiny_pipeline(arch, out_dir, seed=0):
     Same seed, same weights."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     from sail import configs
 
     if arch not in configs.SCHEDULERS:

@@ -12,9 +12,10 @@ import logging
 import os
 import shutil
 from pathlib import Path
-import torch
-from sail import common, files, models
 
+import torch
+
+from sail import common, files, models
 
 log = logging.getLogger("sail")
 

@@ -5,11 +5,12 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
+
 import torch
 from PIL import Image
+
 from sail import common, dpo, files, generation, models
 from sail.training import autocast
-
 
 log = logging.getLogger("sail")
 

@@ -3,9 +3,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from conftest import load_stage
 from PIL import Image
 
-from conftest import load_stage
 from sail import common
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 40), (200, 40, 200), (30, 200, 200)]

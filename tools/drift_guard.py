@@ -20,9 +20,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+
 from sail import common, files
 from sail.guards import STOP, best_iteration, fell_below_best, read_accuracies
-
 
 log = logging.getLogger("sail")
 

@@ -25,10 +25,10 @@ import os
 import re
 import shutil
 from pathlib import Path
+
 from sail import common, models, settings
 from sail.common import SailError
 from sail.files import check_settings, folder_lock, read_jsonl, save_args, seed_pairs_path
-
 
 log = logging.getLogger("sail")
 NOT_UPLOADED = ["*.args.json", "*.settings.json", "*.sha256", "log.txt", ".lock", "*.tmp", "*.tmp.*"]

@@ -31,13 +31,13 @@ import importlib
 import json
 import logging
 from pathlib import Path
+
 from sail import common, files
 from sail.common import SailError
 from sail.files import normalise_prompt
 from sail.importing import KIT_PROMPTS, prompt_lines
-from sail.labelling import CHOICES, Labelling, NAME
+from sail.labelling import CHOICES, NAME, Labelling
 from tools.label_server import make_server
-
 
 log = logging.getLogger("sail")
 

@@ -10,9 +10,9 @@ import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
 from sail.common import SailError
 from sail.labelling import CHOICES, NAME, Refused
-
 
 log = logging.getLogger("sail")
 

@@ -27,11 +27,12 @@ import resource
 import shutil
 import time
 from pathlib import Path
+
 import torch
+
 from sail import common, configs, dpo, files, models
 from sail.metrics import check_metric, load_scorer
 from sail.settings import get_preset
-
 
 log = logging.getLogger("sail")
 REAL_METRICS = ("pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic")

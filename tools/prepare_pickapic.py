@@ -26,17 +26,36 @@ import glob
 import hashlib
 import io
 import itertools
+import logging
 import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
 from sail.common import SailError, progress, run_stage, setup_logging
-from sail.files import check_pools_disjoint, folder_lock, normalise_prompt, pool_path, save_args, val_pairs_path, write_json_atomic, write_jsonl_atomic
-from sail.importing import choose_pool_prompts, finished_import, pool_and_exclusion_files, prompt_id, prompt_lines, seed_count, select_rows
-import logging
+from sail.files import (
+    check_pools_disjoint,
+    folder_lock,
+    normalise_prompt,
+    pool_path,
+    save_args,
+    val_pairs_path,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from sail.importing import (
+    choose_pool_prompts,
+    finished_import,
+    pool_and_exclusion_files,
+    prompt_id,
+    prompt_lines,
+    seed_count,
+    select_rows,
+)
 
 log = logging.getLogger("sail")
 

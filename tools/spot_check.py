@@ -38,15 +38,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-import numpy as np
-from sail import common, files
-from toy import world
-from sail.common import SailError
-from sail.guards import STOP
-from sail.labelling import Labelling, NAME
-from tools.label_server import make_server
-from sail.guards import stops
 
+import numpy as np
+
+from sail import common, files
+from sail.common import SailError
+from sail.guards import STOP, stops
+from sail.labelling import NAME, Labelling
+from tools.label_server import make_server
+from toy import world
 
 log = logging.getLogger("sail")
 

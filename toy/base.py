@@ -17,12 +17,13 @@ import os
 import shutil
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from sail import common, files, models, tiny
 from toy.world import RES, all_captions, render_web
-
 
 log = logging.getLogger("sail")
 

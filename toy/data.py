@@ -14,12 +14,13 @@ import argparse
 import json
 import logging
 from pathlib import Path
+
 import numpy as np
+
 from sail import common, files, generation, models
 from sail.common import SailError
 from sail.settings import get_preset
 from toy.world import all_captions, choice_from_scores, oracle_score, rater_choice
-
 
 log = logging.getLogger("sail")
 
@@ -69,24 +70,18 @@ def _label_pairs(slots, images, tie_margin, rater_noise=0.0, seed=0):
 def _images_for(pipe, preset, slots, folder, seed, batch_size):
     """Generate (or find on disk) the two images of each slot; returns {(pid, j, side): (relpath, PIL)}."""
     folder.mkdir(parents=True, exist_ok=True)
-    todo, out = [], {}
-    for row, j in slots:
-        for side in ("a", "b"):
-            name = f"{row['prompt_id']}_{j:02d}{side}.png"
-            key = (row["prompt_id"], j, side)
-            if files.image_is_complete(folder / name):
-                out[key] = (f"images/{name}", files.load_image(folder / name))
-            else:
-                todo.append((key, name, row["prompt"], common.derive_seed(seed, "human-pairs", row["prompt_id"], j, side)))
-    batches = generation.draw_images(pipe, [c[2] for c in todo], [c[3] for c in todo], preset["steps"], preset["cfg"],
-                                 preset["resolution"], batch_size, "human pair images")
-    for first, images in batches:
-        for (key, name, _, _), img in zip(todo[first:], images):
-            files.save_image_atomic(img, folder / name)
-            out[key] = (f"images/{name}", img)
-        if first == 0 or (first // batch_size) % 5 == 4:
-            log.info("human pair images: %d/%d", first + len(images), len(todo))
-    return out
+    jobs = [dict(key=(row["prompt_id"], j, side), name=f"{row['prompt_id']}_{j:02d}{side}.png", prompt=row["prompt"],
+                 seed=common.derive_seed(seed, "human-pairs", row["prompt_id"], j, side))
+            for row, j in slots for side in ("a", "b")]
+    batches = generation.missing_batches(jobs, batch_size, lambda job: folder / job["name"])
+    for done, (batch, images) in enumerate(generation.draw_batches(pipe, batches, preset["steps"], preset["cfg"],
+                                                                   preset["resolution"], "human pair images"), 1):
+        for job, img in zip(batch, images):
+            if not files.image_is_complete(folder / job["name"]):
+                files.save_image_atomic(img, folder / job["name"])
+        if done == 1 or done % 5 == 0:
+            log.info("human pair images: %d/%d batches", done, len(batches))
+    return {job["key"]: (f"images/{job['name']}", files.load_image(folder / job["name"])) for job in jobs}
 
 
 def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval=64, seed_fraction=0.06,

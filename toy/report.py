@@ -15,12 +15,13 @@ import math
 import os
 import shutil
 from pathlib import Path
+
 import numpy as np
+
 from sail import common, files, generation, models
 from sail.common import SailError
 from sail.settings import get_preset
 from toy.world import attribute_rates, oracle_details, oracle_score
-
 
 log = logging.getLogger("sail")
 

@@ -39,11 +39,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import numpy as np
+
 from sail import files, models, reports
 from sail.common import SailError, derive_seed, run_stage, setup_logging
 from sail.settings import get_preset
-
 
 log = logging.getLogger("sail")
 KIT = Path(__file__).resolve().parents[1]

@@ -38,12 +38,13 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import numpy as np
+
 from sail import common, files, guards, reports, settings
 from toy import world
 from toy.study import KIT, StageLog, add_study_flags, run_over_seeds, spread, write_results
 from toy.study_lr import share_seed_data
-
 
 log = logging.getLogger("sail")
 # name in the numbers -> label in tables and plots

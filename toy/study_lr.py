@@ -27,9 +27,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from sail import common, files, reports, settings
-from toy.study import KIT, StageLog, add_study_flags, dpo_on_all_labels, label_universe, run_over_seeds, spread, write_results
 
+from sail import common, files, reports, settings
+from toy.study import (
+    KIT,
+    StageLog,
+    add_study_flags,
+    dpo_on_all_labels,
+    label_universe,
+    run_over_seeds,
+    spread,
+    write_results,
+)
 
 log = logging.getLogger("sail")
 MEASURES = ("mean", "delta", "win_rate", "prompt", "taste")

@@ -18,9 +18,9 @@ data from it and reports the oracle's scores; `toy/base.py` pretrains the toy ba
 """
 import itertools
 import math
+
 import numpy as np
 from PIL import Image
-
 
 # ---------------------------------------------------------------- the world
 RES = 32

@@ -1,11 +1,10 @@
-"""speed.py: the released SD1.5 and SDXL architectures it builds for --random-weights (checked on
+"""bench/speed.py: the released SD1.5 and SDXL architectures it builds for --random-weights (checked on
 the meta device, without memory or time), and a run end to end on tiny models."""
 import pytest
 import torch
 
 from bench import speed
 from sail import configs
-
 
 # parameter counts of the released models (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0)
 UNET = {"sd15": 859_520_964, "sdxl": 2_567_463_684}

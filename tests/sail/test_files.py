@@ -128,7 +128,7 @@ def test_folder_lock_refuses_a_second_writer_and_ignores_a_dead_one(tmp_path):
 RACER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from sail import files
+from sail import common, files
 folder, start, log = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 time.sleep(max(0.0, start - time.time()))
 try:
@@ -152,6 +152,7 @@ def test_processes_racing_for_a_folder_with_a_dead_lock_let_exactly_one_in(tmp_p
     import subprocess
     import sys
     import time
+
     from conftest import ROOT
     folder, log, n = tmp_path / "run", tmp_path / "held.txt", 6
     folder.mkdir()

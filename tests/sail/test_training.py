@@ -107,7 +107,7 @@ import json, math, sys
 import torch
 sys.path.insert(0, {root!r})
 from conftest import load_stage
-import dpo_maths, run_files
+from sail import batches, common, dpo
 train = load_stage("04_train")
 
 def big_latents(vae, images, device, sample_generator=None):  # 2 MiB of latents per pair, written
@@ -116,9 +116,9 @@ def big_latents(vae, images, device, sample_generator=None):  # 2 MiB of latents
 def cheap_step(unet, ref_unet, scheduler, latents, *args, **kwargs):  # the data path without the UNet's cost
     zero = torch.zeros(())
     loss = next(unet.parameters()).sum() * 0 + latents.mean() * 0 + math.log(2)
-    return dpo_maths.DPOOutput(loss, zero, zero, zero, zero, zero, zero)
+    return dpo.DPOOutput(loss, zero, zero, zero, zero, zero, zero)
 
-dpo_maths.encode_images, dpo_maths.dpo_micro_batch = big_latents, cheap_step
+batches.encode_images, dpo.dpo_micro_batch = big_latents, cheap_step
 common.run_stage(train.locked_main, train.build_parser().parse_args(sys.argv[1:]))
 """
 

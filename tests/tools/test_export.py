@@ -13,9 +13,9 @@ from conftest import ROOT
 from helpers import coloured_image, make_pairs
 
 from sail import models
-from tools import export
 from sail.common import SailError
 from sail.configs import released_configs
+from tools import export
 
 LAYER_PREFIXES = {"sd15": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."),
                   "sdxl": ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",

@@ -12,9 +12,9 @@ from conftest import ROOT, load_stage
 from helpers import COLOURS, coloured_image
 from PIL import Image
 
-from tools import import_pairs
 from sail.common import SailError
 from sail.files import check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs, read_prompts
+from tools import import_pairs
 
 EVAL_PROMPT, EVAL_PROMPT_2 = (r["prompt"] for r in read_jsonl(ROOT / "prompts" / "drawbench.jsonl")[:2])  # kit eval prompts
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import COLOURS, coloured_image
 from PIL import Image
 
 from sail import files, labelling
-from tools import label, label_server
 from sail.common import SailError
-from helpers import COLOURS, coloured_image
+from tools import label, label_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,9 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from sail import importing
-from tools import prepare_pickapic
 from sail.common import SailError
 from sail.files import check_pools_disjoint, normalise_prompt, read_jsonl, read_pairs, read_prompts
+from tools import prepare_pickapic
 
 CORRUPT = ("train-00001-of-00002.parquet", 5)  # shard and row of the one bad jpg_1
 

@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from toy import study
 
+from toy import study
 
 
 def fake_seed(seed, shift):

@@ -1,4 +1,4 @@
-"""toy/study_guard.py: the spot check and the held-out study_guard replayed on a made-up finished run whose
+"""toy/study_guard.py: the spot check and the held-out guard replayed on a made-up finished run whose
 self pairs the oracle judges right or wrong by construction, with known answers."""
 import json
 
@@ -30,7 +30,7 @@ def fake_run(folder, rater_noise=0.0, heldout=None):
     files.write_json_atomic(folder / "eval" / "oracle_report.json", report)
     files.write_json_atomic(folder / "toy_world.data.json", dict(rater_noise=rater_noise, tie_margin=0.02))
     if heldout:
-        files.write_json_atomic(folder / "eval" / "guard" / "study_guard.json",
+        files.write_json_atomic(folder / "eval" / "guard" / "guard.json",
                                     dict(accuracy={files.iteration_name(i): a for i, a in enumerate(heldout)}))
     return folder
 
@@ -59,15 +59,15 @@ def test_the_study_against_its_baselines(tmp_path):
     args = study_guard.build_parser().parse_args(["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
                                             "--spot-pairs", "0", "4", "--thresholds", "0.7", "--drops", "0.15", "--draws", "20"])
     study_guard.main(args)
-    table = json.loads((tmp_path / "out" / "study_guard.json").read_text())["summary"]
+    table = json.loads((tmp_path / "out" / "guard.json").read_text())["summary"]
     group = "T = 3, the oracle as human"
     assert table["spot M=all, below 0.7"][group] == dict(keeps_peak=1.0, given_up=0.0, kept=2.0, runs=1)
     assert table["spot M=all, 0.15 below iteration 1"]["all runs"]["given_up"] == pytest.approx(0.01)
     assert table["last model"][group]["given_up"] == pytest.approx(0.05)
     assert table["iteration 2"][group]["kept"] == 2.0
-    assert table["held-out study_guard, GUARD=stop"][group]["kept"] == 1.0  # fell 0.05 after iteration 2, keeps the latest of the best
+    assert table["held-out guard, GUARD=stop"][group]["kept"] == 1.0  # fell 0.05 after iteration 2, keeps the latest of the best
     assert 1.0 <= table["spot M=4, below 0.7"][group]["kept"] <= 3.0
-    text = (tmp_path / "out" / "study_guard.md").read_text()
+    text = (tmp_path / "out" / "guard.md").read_text()
     assert "| a | oracle | +0.040 +0.080 +0.090 +0.040 | 100% 75% 25% | 100% 75% 25% | 2 |" in text
     with pytest.raises(common.SailError, match="no run with"):
         study_guard.main(study_guard.build_parser().parse_args(["--out", str(tmp_path / "o2"), "--runs", str(tmp_path / "out")]))

@@ -1,5 +1,5 @@
 """toy/study_long.py: the long runs' commands, per-iteration measures, diversity, the drift guard's choices,
-table and plot; slow: the whole study_long on tiny models."""
+table and plot; slow: the whole study on tiny models."""
 import json
 import subprocess
 import sys
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sail.common import SailError
 from toy import study_long, world
-
 
 
 def picture(shape="circle", colour="red", xy=(16, 16), r=6.5):
@@ -170,7 +170,7 @@ def test_runs_without_held_out_pairs_have_no_guard(tmp_path):
 
 
 def fake_study(folder, shift, data_args, train_args, steps, pairs):
-    """A finished study_long output: long.json and long.args.json, and each run's train.args.json."""
+    """A finished study output: long.json and long.args.json, and each run's train.args.json."""
     per_seed = [dict(seed=s, runs={"human_0.25": fake_measures(shift + 0.01 * s)}) for s in (0, 1)]
     folder.mkdir()
     (folder / "long.json").write_text(json.dumps(dict(summary=study_long.summarize(per_seed), per_seed=per_seed)))
@@ -196,7 +196,7 @@ def test_compare_settings(tmp_path):
     assert "0.355 ± 0.007" not in text and "| steps30, 0.25 human | 1 | 170 | 6 | +0.155 ± 0.007 |" in text
     assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
     args.compare.append(tmp_path / "unfinished")
-    with pytest.raises(study_long.run_files.SailError, match="unfinished/long.json not found"):
+    with pytest.raises(SailError, match="unfinished/long.json not found"):
         study_long.main(args)
 
 

@@ -1,4 +1,4 @@
-"""toy/study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole study_lr on tiny models."""
+"""toy/study_lr.py: the learning-rate sweep's commands, data sharing, table and plot; slow: the whole study on tiny models."""
 import argparse
 import collections
 import json
@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from toy import study_lr
 
+from toy import study_lr
 
 
 def test_dpo_setting_reads_lr_and_steps():
@@ -34,7 +34,7 @@ def test_every_run_gets_its_lr_and_steps(tmp_path, monkeypatch):
 
     def record(self, name, *cmd, extra_env=None):
         calls.append((name, [str(c) for c in cmd], extra_env or {}))
-        if "report" in cmd:
+        if "toy.report" in cmd:
             fake_report(Path(cmd[cmd.index("--run") + 1]), 0.0)
 
     monkeypatch.setattr(study_lr.StageLog, "__call__", record)
@@ -60,7 +60,7 @@ def test_the_labels_come_from_the_chosen_rater(tmp_path, monkeypatch, flags, exp
 
     def record(self, name, *cmd, extra_env=None):
         calls.append([str(c) for c in cmd])
-        if "report" in cmd:
+        if "toy.report" in cmd:
             fake_report(Path(cmd[cmd.index("--run") + 1]), 0.0)
 
     monkeypatch.setattr(study_lr.StageLog, "__call__", record)

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from sail import files, generation, models
-from toy import base, world
+from sail.common import SailError
+from toy import base
 from toy import data as toy_data
 from toy import report as toy_report
-from sail.common import SailError
+from toy import world
 
 PROMPT = "a medium red circle at the top left"
 
