@@ -120,9 +120,9 @@ def generate(args, folder):
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
             try:
                 child.submit(draw_candidates, args.preset, folder, args.candidates, args.seed).result()
-            except BrokenProcessPool:
-                raise SailError(f"drawing the candidates into {folder} stopped (the process was killed?); the same "
-                                f"command continues with the images there") from None
+            except (BrokenProcessPool, KeyboardInterrupt):
+                raise SailError(f"drawing the candidates into {folder} stopped; the same command continues with the "
+                                f"images there") from None
 
 
 def draw_candidates(preset, folder, candidates, seed):
