@@ -68,13 +68,21 @@ def labeller_tokens(folder, names):
     """name -> random token for each labeller, kept in <folder>/tokens.json (readable by its owner only) so that a
     restart keeps everyone's link; a name no longer listed loses its token. Delete the file for new links."""
     path = Path(folder) / TOKENS_FILE
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, OSError) as err:
+        raise SailError(f"{path}: unreadable ({err}); delete it to make new links for everyone") from None
+    if not isinstance(old, dict) or not all(isinstance(t, str) for t in old.values()):
+        raise SailError(f"{path}: expected an object of labeller names and tokens; delete it to make new links")
     tokens = {name: old.get(name) or secrets.token_urlsafe(24) for name in names}
     if tokens != old:
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also where a leftover temporary file had other permissions
         with open(fd, "w") as f:
             json.dump(tokens, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     return tokens
 

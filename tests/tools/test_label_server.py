@@ -17,6 +17,7 @@ import pytest
 from label_client import Client, fake_candidates, judgement_lines, label_args, label_command, start_page, write_prompts
 
 from sail import labelling
+from sail.common import SailError
 from tools import label, label_server
 
 HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -118,6 +119,9 @@ def test_every_route_needs_the_labellers_token(client, run):
     assert stat.S_IMODE((folder / "tokens.json").stat().st_mode) == 0o600
     assert label_server.labeller_tokens(folder, ["alice", "bob"]) == client.tokens  # the links survive a restart
     assert label_server.labeller_tokens(folder, ["alice"]) == {"alice": client.tokens["alice"]}  # bob's is revoked
+    (folder / "tokens.json").write_text('{"alice": "abc"')
+    with pytest.raises(SailError, match=r"tokens.json: unreadable .*delete it"):
+        label_server.labeller_tokens(folder, ["alice"])
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         assert label_server.exposure_warning(host) is None
     for host in ("0.0.0.0", "::", "192.168.1.20", "lab-machine.example"):
