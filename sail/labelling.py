@@ -29,7 +29,7 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 
 
 class Refused(Exception):
-    """Refused(status, message): a request answered with a 4xx status and a JSON error, having written nothing."""
+    """Refused(status, message): a request answered with this status and a JSON error, having recorded nothing."""
 
 
 def order_pairs(generations, seed):
@@ -60,14 +60,23 @@ class Labelling:
         self.by_id = {p["id"]: p for p in self.pairs}
         self.images = {Path(r["image"]).name for r in generations}
         self.path = self.folder / "judgements.jsonl"
-        self.active, self.judged, self.stacks, self.times, self.held, self.count = {}, {}, {}, {}, {}, 0
+        self.active, self.judged, self.stacks, self.times, self.holds, self.count = {}, {}, {}, {}, {}, 0
+        self.size = 0  # bytes of complete lines in the file: where the next judgement goes
         if self.path.is_file():
-            data = self.path.read_bytes()
-            if repair and data and not data.endswith(b"\n"):  # a write cut by a kill, never answered: drop it
-                log.warning("%s: dropping an unfinished last line (%d bytes)", self.path, len(data) - data.rfind(b"\n") - 1)
-                os.truncate(self.path, data.rfind(b"\n") + 1)
+            if repair:
+                self.repair()
             for row in files.read_jsonl(self.path, allow_truncated_tail=True):
                 self.apply(row, f"{self.path}:{row['_line']}")
+            self.size = self.path.stat().st_size
+
+    def repair(self):
+        """Cut an unfinished last line (a write stopped by a kill, never confirmed), saying what is dropped."""
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: line %d is unfinished (a write cut short, never confirmed to anyone): dropping its %d "
+                        "bytes %r", self.path, data.count(b"\n") + 1, len(data) - keep, data[keep:keep + 300])
+            os.truncate(self.path, keep)
 
     def apply(self, row, where):
         missing = [k for k in (("undo", "labeller") if "undo" in row else ("id", "pair", "choice", "labeller", "time"))
@@ -94,53 +103,83 @@ class Labelling:
             raise SailError(f"{where}: time {row['time']!r} is not an ISO 8601 time") from None
 
     def append(self, row):
-        """One line, flushed and fsynced before anyone is answered; then the state follows it."""
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """One complete line, fsynced before anyone is answered; then the state follows it. The line goes only
+        after the complete lines this replay knows; a write that fails part-way is cut back to them before the
+        error goes up, so a judgement is on disk whole or not at all."""
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            if end != self.size or (end and os.pread(fd, 1, end - 1) != b"\n"):
+                raise OSError(f"{self.path} is {end} bytes, its complete lines {self.size}: not appending to it "
+                              f"(a start of the server repairs it)")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+                raise
+        finally:
+            os.close(fd)
+        self.size = end + len(data)
         self.apply(row, str(self.path))
 
-    def holder(self, pair_id, now):
-        name, until = self.held.get(pair_id, (None, 0))
-        return name if until > now else None
+    def holder(self, pair_id, now, other_than=None):
+        """Who holds the pair now (a hold lapses HOLD_SECONDS after its labeller's last request), if not other_than."""
+        return next((who for who, (pid, until) in self.holds.items()
+                     if pid == pair_id and until > now and who != other_than), None)
 
     def next_pair(self, name):
-        """The pair the labeller holds, else the first one nobody has judged or holds; held anew for HOLD_SECONDS."""
+        """The pair the labeller holds, else the first one nobody has judged or holds, held anew for HOLD_SECONDS.
+        A labeller holds one pair at a time, so no one can take more than their share of the pairs."""
         with self.lock:
             now = time.time()
-            mine = next((pid for pid, (who, _) in self.held.items() if who == name and pid not in self.judged), None)
-            mine = mine or next((p["id"] for p in self.pairs if p["id"] not in self.judged
-                                 and self.holder(p["id"], now) in (None, name)), None)
+            mine = self.holds.pop(name, (None, 0))[0]
+            if mine in self.judged or self.holder(mine, now):
+                mine = None
+            mine = mine or next((p["id"] for p in self.pairs
+                                 if p["id"] not in self.judged and not self.holder(p["id"], now)), None)
             if mine:
-                self.held[mine] = (name, now + HOLD_SECONDS)
+                self.holds[name] = (mine, now + HOLD_SECONDS)
             return self.answer(mine, name)
 
     def judge(self, name, pair_id, choice):
         with self.lock:
-            now = time.time()
             if pair_id not in self.by_id:
-                raise Refused(404, f"unknown pair {pair_id!r}")
+                raise Refused(404, "unknown pair")
             if pair_id in self.judged:
-                raise Refused(409, f"pair {pair_id} is judged already (by {self.active[self.judged[pair_id]]['labeller']})")
-            if self.holder(pair_id, now) not in (None, name):
-                raise Refused(409, f"pair {pair_id} is held by {self.holder(pair_id, now)}")
+                raise Refused(409, "this pair is judged already")
+            if self.holder(pair_id, time.time(), other_than=name):
+                raise Refused(409, "another labeller holds this pair")
             pair = self.by_id[pair_id]
             self.append(dict(id=f"j{self.count + 1}", pair=pair_id, prompt_id=pair["prompt_id"], prompt=pair["prompt"],
                              image_a=pair["image_a"], image_b=pair["image_b"], choice=choice, labeller=name, time=stamp()))
-            self.held.pop(pair_id, None)
+            self.holds = {who: hold for who, hold in self.holds.items() if hold[0] != pair_id}
         return self.next_pair(name)
 
     def undo(self, name):
         """Take back the labeller's last judgement in force; its pair comes back to them."""
         with self.lock:
             if not self.stacks.get(name):
-                raise Refused(409, f"{name} has no judgement to undo")
+                raise Refused(409, "you have no judgement to undo")
             undone = self.active[self.stacks[name][-1]]
             self.append(dict(undo=undone["id"], labeller=name, time=stamp()))
-            self.held = {pid: h for pid, h in self.held.items() if h[0] != name}
-            self.held[undone["pair"]] = (name, time.time() + HOLD_SECONDS)
+            self.holds[name] = (undone["pair"], time.time() + HOLD_SECONDS)
             return self.answer(undone["pair"], name)
+
+    def image_file(self, name):
+        """The file of a listed image, only where it lies in the images folder once links are resolved; else None."""
+        if name not in self.images:
+            return None
+        path = (self.image_dir / name).resolve()
+        if path.parent != self.image_dir.resolve() or not path.is_file():
+            log.warning("%s: not served: %s", self.image_dir / name, "outside the images folder once links are "
+                        "resolved" if path.parent != self.image_dir.resolve() else "missing or not a file")
+            return None
+        return path
 
     def answer(self, pair_id, name):
         return dict(pair=self.by_id.get(pair_id), progress=self.progress(name))

@@ -1,43 +1,51 @@
 """Human labelling in the browser: a SAIL seed set of pairs from your own prompts and your own taste.
 
-The server (tools/label_server.py, the page in tools/label_page.html) listens on 127.0.0.1 unless --host says otherwise.
+The server (tools/label_server.py, the page in tools/label_page.html) listens on 127.0.0.1 unless --host says
+otherwise, and opens the page only to the links it prints, one per labeller (docs/labelling.md, "Opening the page
+to others").
 
 Commands:
     python -m tools.label --run runs/mine --prompts my_prompts.txt --preset toy [--label-prompts 40] [--candidates 4]
-        [--pool-sizes 64,64] [--target 200] [--name alice] [--host 127.0.0.1] [--port 8765] [--seed 0]
+        [--pool-sizes 64,64] [--target 200] [--labellers alice,bob] [--host 127.0.0.1] [--port 8765]
+        [--idle-timeout 30] [--max-connections 64] [--seed 0]
     python -m tools.label --run runs/mine --finish
     RUN=runs/mine EVAL=0 bash run_all.sh toy 2
 
 The first splits the prompt file (seeded, text normalised) into --label-prompts prompts to label and the prompt
 pools of the SAIL iterations (the kit's evaluation prompts kept out of the pools), draws --candidates images per
-label prompt with the preset's base model through 01_generate.py (its seeds, files and settings checks), then serves
-the page: two candidates of one prompt, every pair of a prompt's candidates, pairs interleaved across prompts in a
-seeded order; each labeller (?name=alice) is handed a pair nobody has judged or holds. The same command again
-replays the judgements and continues. --finish writes the seed pairs (a/b judgements in force; ties, skips and
-undone judgements dropped, as the paper drops ties) and the pools. Keys on the page: left arrow or 1, right arrow or
-2, down or t (tie), s (skip), u or Backspace (undo), z or a click on an image (full size). docs/labelling.md has more.
+label prompt with the preset's base model (sail.generation, 01_generate.py's seeds, files and settings record) in a
+child process, so that the serving process never loads torch, then serves the page: two candidates of one prompt,
+every pair of a prompt's candidates, pairs interleaved across prompts in a seeded order; each labeller (their own
+link, http://HOST:PORT/?token=...) is handed a pair nobody has judged or holds. The same command again replays the
+judgements and continues, with the same links. --finish writes the seed pairs (a/b judgements in force; ties, skips
+and undone judgements dropped, as the paper drops ties) and the pools. Keys on the page: left arrow or 1, right arrow
+or 2, down or t (tie), s (skip), u or Backspace (undo), z or a click on an image (full size). docs/labelling.md has
+more.
 
 Reads:  the prompt file (.txt: one prompt a line, blank lines skipped, ids p0001, p0002, ...; .jsonl: prompt_id and
-        prompt per line), the preset's base model; on a restart label/judgements.jsonl.
+        prompt per line), the preset's base model; on a restart label/judgements.jsonl and label/tokens.json.
 Writes: <run>/label/: plan.json (the split's settings: a rerun with others stops), prompts.jsonl (to label),
-        pool_prompts.jsonl (the pools' prompts in order), images/ and generations.jsonl (01_generate.py),
-        judgements.jsonl (one line per judgement or undo, appended, flushed and fsynced before the answer),
-        label.args.json, log.txt. With --finish: seed/pairs.jsonl (image paths ../label/images/...),
+        pool_prompts.jsonl (the pools' prompts in order), images/, generations.jsonl and generate.settings.json (as
+        01_generate.py's), tokens.json (a token per labeller, readable by the owner only), judgements.jsonl (one line
+        per judgement or undo, appended and fsynced before the answer; a failed write cut back to the last complete
+        line), label.args.json, log.txt. With --finish: seed/pairs.jsonl (image paths ../label/images/...),
         seed/stats.json, seed/label.finish.args.json, pools/iter_01.jsonl ...
 """
 import argparse
 import hashlib
-import importlib
 import json
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from sail import common, files
 from sail.common import SailError
 from sail.files import normalise_prompt
 from sail.importing import KIT_PROMPTS, prompt_lines
-from sail.labelling import CHOICES, NAME, Labelling
-from tools.label_server import make_server
+from sail.labelling import CHOICES, Labelling
+from tools import label_server
 
 log = logging.getLogger("sail")
 
@@ -104,11 +112,24 @@ def prepare(args):
 
 
 def generate(args, folder):
-    """--candidates images per label prompt with the preset's base model: 01_generate.py's own main."""
-    stage = importlib.import_module("01_generate")  # a stage file: its name starts with a digit
-    stage.locked_main(stage.build_parser().parse_args(
-        ["--ckpt", args.preset, "--pool", str(folder / "prompts.jsonl"), "--out", str(folder),
-         "--num-candidates", str(args.candidates), "--seed", str(args.seed)]))
+    """--candidates images per label prompt with the preset's base model, drawn by the library in a child process,
+    so that the server's process never loads torch and the model's memory is freed before the page opens."""
+    if (folder / "generations.jsonl").is_file():
+        return
+    with files.folder_lock(folder, "generate"):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            try:
+                child.submit(draw_candidates, args.preset, folder, args.candidates, args.seed).result()
+            except (BrokenProcessPool, KeyboardInterrupt):
+                raise SailError(f"drawing the candidates into {folder} stopped; the same command continues with the "
+                                f"images there") from None
+
+
+def draw_candidates(preset, folder, candidates, seed):
+    """The child's work: sail.generation (and so torch) is imported here only."""
+    from sail.generation import draw_candidates as draw
+    common.setup_logging(folder, "label")
+    draw(preset, folder / "prompts.jsonl", folder, candidates, seed)
 
 
 # ---------------------------------------------------------------- the seed set
@@ -157,24 +178,20 @@ def main(args):
         return finish(args)
     if not (args.prompts and args.preset):
         raise SailError("give --prompts and --preset to label (or --finish to write the seed set)")
-    if not NAME.fullmatch(args.name):
-        raise SailError(f"--name {args.name!r}: use 1 to 40 letters, digits, '.', '_' or '-'")
+    label_server.labeller_names(args.labellers)
     folder = prepare(args)
     files.save_args(folder, "label", args)
     generate(args, folder)
     common.setup_logging(folder, "label")
     with files.folder_lock(folder, "label server"):
         labelling = Labelling(folder, args.seed, args.target)
-        server = make_server(labelling, args.host, args.port, args.name)
-        host, port = server.server_address[:2]
+        server = label_server.start(labelling, folder, args, "labelling page")
         log.info("%d pairs of %d prompts, %d judged so far", len(labelling.pairs), args.label_prompts, len(labelling.judged))
-        print(f"labelling page: http://{host}:{port}/?name={args.name}  (Ctrl-C stops; then --finish)", flush=True)
+        print(f"labelling page: serving on {server.host}:{server.port} (Ctrl-C stops; then --finish)", flush=True)
         try:
-            server.serve_forever()
+            server.serve()
         except KeyboardInterrupt:
             pass
-        finally:
-            server.server_close()
 
 
 def build_parser():
@@ -186,11 +203,9 @@ def build_parser():
     p.add_argument("--candidates", type=int, default=4, help="images per label prompt (4 give 6 pairs a prompt)")
     p.add_argument("--pool-sizes", default="64,64", help="prompts per SAIL iteration's pool, comma-separated")
     p.add_argument("--target", type=int, default=200, help="pairs to judge (a, b or tie), shown as progress")
-    p.add_argument("--name", default="labeller", help="labeller name when the page's address gives no ?name=")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the candidates and the pair order")
     p.add_argument("--finish", action="store_true", help="write seed/pairs.jsonl, seed/stats.json and pools/ and stop")
+    label_server.add_flags(p)
     return p
 
 

@@ -1,31 +1,33 @@
 """The spot check: before an iteration trains, does a human still prefer the self-reward's winners?
 
 Later SAIL iterations train on pairs their own model labelled. When that self-reward drifts from
-human taste the loop trains on wrong pairs and the model gets worse: in the toy's runs without human
-pairs the self pairs the oracle agrees with fell from 94% to 8% (README, "Longer runs"). Held-out
-seed pairs (tools/drift_guard.py) were drawn by the base model and do not see this; a spot check asks
-about the pairs the loop is about to train on. Before iteration ITER trains, a human labels M of
-iter_XX/pairs.jsonl (one per prompt, chosen by a seeded hash; sides shuffled, the self-reward's
-choice not shown) on the labelling page. The agreement is the share of a/b judgements that prefer
+human taste the loop trains on wrong pairs and the model gets worse (the toy's runs show it: README,
+"Longer runs"). Held-out seed pairs (tools/drift_guard.py) were drawn by the base model and do not see
+this; a spot check asks about the pairs the loop is about to train on. Before iteration ITER trains,
+a human labels M of iter_XX/pairs.jsonl (one per prompt, chosen by a seeded hash; sides shuffled, the
+self-reward's choice not shown) on the labelling page. The agreement is the share of a/b judgements that prefer
 the self-reward's winner (ties and skips dropped). The first iteration checked is the reference: an
 agreement more than --drop below it (or below --below) ends the loop before ITER trains, and model
-ITER-1 is the one to keep. Replayed on 21 finished toy runs (toy/study_guard.py), M = 32 and a drop of
-0.15 gave up 0.004 of oracle score against each run's peak; the held-out guard 0.012, the last model
-0.025. A drop rather than a fixed threshold: a noisy human agrees less with every pair.
+ITER-1 is the one to keep (toy/study_guard.py replays the rule on finished toy runs; its results are in
+the README). A drop rather than a fixed threshold: a noisy human agrees less with every pair.
 
 Commands (run_all.sh runs it between 02 and 03 with GUARD=spot, with --labeller toy in a run that
 toy.data made):
-    python -m tools.spot_check --run runs/mine --iter 2 [--pairs 32] [--drop 0.15] [--below 0] [--seed 0]         [--host 127.0.0.1] [--port 8765] [--name alice]
+    python -m tools.spot_check --run runs/mine --iter 2 [--pairs 32] [--drop 0.15] [--below 0] [--seed 0]
+        [--labellers alice,bob] [--host 127.0.0.1] [--port 8765] [--idle-timeout 30] [--max-connections 64]
     python -m tools.spot_check --run runs/toy --iter 2 --labeller toy
-The first serves the pairs at http://HOST:PORT/?name=NAME and waits until each has a judgement
-(several labellers may share them, each with their own ?name=); Ctrl-C stops it and the same command
-continues from the judgements so far. With --labeller toy the toy world's human answers: the oracle,
-or the noisy Bradley-Terry rater of toy.data --rater-noise (recorded in toy_world.data.json).
+The first serves the pairs on the labelling page (tools/label_server.py: the same tokens, limits and
+headers as tools/label.py's), prints one link per labeller (http://HOST:PORT/?token=...; the links stay
+the same for every iteration of the run) and waits until each pair has a judgement; Ctrl-C stops it and
+the same command continues from the judgements so far. With --labeller toy the toy world's human
+answers, without HTTP: the oracle, or the noisy Bradley-Terry rater of toy.data --rater-noise
+(recorded in toy_world.data.json).
 Exit status 3: the loop should stop before ITER trains.
 
 Reads:  <run>/iter_XX/pairs.jsonl and its images; <run>/eval/spot/iter_YY/agreement.json of earlier
         iterations; with --labeller toy <run>/toy_world.data.json.
-Writes: <run>/eval/spot/iter_XX/: plan.json (pairs, seed, labeller: a rerun with others stops),
+Writes: <run>/eval/spot/tokens.json (the labellers' tokens, readable by the owner only);
+        <run>/eval/spot/iter_XX/: plan.json (pairs, seed, labeller: a rerun with others stops),
         generations.jsonl (each chosen pair as two candidates, image paths relative to iter_XX),
         judgements.jsonl (appended, as tools/label.py's), agreement.json, spot.args.json, log.txt; then
         <run>/eval/spot/spot.json (agreement per iteration, the rule, where it stopped).
@@ -44,8 +46,8 @@ import numpy as np
 from sail import common, files
 from sail.common import SailError
 from sail.guards import STOP, stops
-from sail.labelling import NAME, Labelling
-from tools.label_server import make_server
+from sail.labelling import Labelling
+from tools import label_server
 from toy import world
 
 log = logging.getLogger("sail")
@@ -100,12 +102,12 @@ def toy_answers(labelling, run, seed, iteration):
     log.info("the toy's %s answered (rater noise %g)", "oracle" if noise <= 0 else "noisy rater", noise)
 
 
-def serve(labelling, args):
+def serve(labelling, spot_dir, args):
     """The labelling page until every pair has a judgement in force; Ctrl-C stops it (the judgements are kept)."""
-    server = make_server(labelling, args.host, args.port, args.name)
-    host, port = server.server_address[:2]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    print(f"spot check page: http://{host}:{port}/?name={args.name}  ({len(labelling.pairs)} pairs; the loop waits "
+    server = label_server.start(labelling, spot_dir, args, "spot check page")
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    print(f"spot check page: serving on {server.host}:{server.port} ({len(labelling.pairs)} pairs; the loop waits "
           f"until each is judged; Ctrl-C stops, the same command continues)", flush=True)
     left = len(labelling.pairs)
     try:
@@ -118,8 +120,8 @@ def serve(labelling, args):
     except KeyboardInterrupt:
         raise SailError(f"stopped with {left} pair(s) to judge; the judgements so far are in {labelling.path}") from None
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
+        thread.join()
 
 
 def agreement(labelling):
@@ -151,7 +153,7 @@ def label(args, folder, iter_dir):
         if args.labeller == "toy":
             toy_answers(labelling, args.run, args.seed, args.iter)
         else:
-            serve(labelling, args)
+            serve(labelling, folder.parent, args)
         result = agreement(labelling)
         files.write_json_atomic(done, result)
     return result
@@ -161,9 +163,9 @@ def main(args):
     spot_dir, iter_dir = Path(args.run) / "eval" / "spot", files.iteration_dir(args.run, args.iter)
     folder = spot_dir / files.iteration_name(args.iter)
     common.setup_logging(folder, "spot_check")
-    if args.iter < 1 or not NAME.fullmatch(args.name):
-        raise SailError(f"need --iter >= 1 and a --name of 1 to 40 letters, digits, '.', '_' or '-' "
-                        f"(got {args.iter}, {args.name!r})")
+    if args.iter < 1:
+        raise SailError(f"need --iter >= 1 (got {args.iter})")
+    label_server.labeller_names(args.labellers)
     if not (folder / "agreement.json").is_file() and (files.checkpoint_dir(args.run, args.iter) / "sail.json").is_file():
         log.info("%s trained already without a spot check: nothing to check", iter_dir)
         return 0
@@ -206,9 +208,7 @@ def build_parser():
     p.add_argument("--below", type=float, default=0.0, help="agreement below which the loop stops (0: no such rule)")
     p.add_argument("--labeller", choices=["page", "toy"], default="page", help="who answers: you on the page, or the toy's human")
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of pairs, the sides and the toy rater")
-    p.add_argument("--name", default="labeller", help="labeller name when the page's address gives no ?name=")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    label_server.add_flags(p)
     return p
 
 

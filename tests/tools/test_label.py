@@ -1,49 +1,25 @@
-"""tools/label.py: the prompt split, the labelling server (bad requests, reservations, undo, restart after a kill),
---finish's seed pairs and pools, the page in a real headless Chromium, and candidates drawn through 01_generate.py."""
+"""tools/label.py: the prompt split, the labelling server's routes (bad requests, reservations, undo, restart after
+a kill), --finish's seed pairs and pools, the page in a real headless Chromium, and the candidates drawn by the
+library in a child process, equal to 01_generate.py's. The server's defences are tests/tools/test_label_server.py."""
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import COLOURS, coloured_image
+from conftest import load_stage
+from label_client import Client, fake_candidates, judgement_lines, label_args, label_command, start_page, write_prompts
 from PIL import Image
 
 from sail import files, labelling
 from sail.common import SailError
-from tools import label, label_server
+from tools import label
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_prompts(path, n=14):
-    path.write_text("\n".join(f"a picture of thing {i}" + ("\n" if i % 5 == 0 else "") for i in range(n)) + "\n")
-    return path
-
-
-def label_args(run, prompts, *extra):
-    return label.build_parser().parse_args(["--run", str(run), "--prompts", str(prompts), "--preset", "tiny-sd15",
-                                            "--label-prompts", "3", "--candidates", "3", "--pool-sizes", "4,5",
-                                            "--target", "6", *extra])
-
-
-def fake_candidates(folder, draw=None):
-    """images/ and generations.jsonl as 01_generate.py writes them; candidate k of every prompt has colour k."""
-    (folder / "images").mkdir(exist_ok=True)
-    rows = []
-    for row in files.read_prompts(folder / "prompts.jsonl"):
-        for k in range(3):
-            image = f"images/{files.image_name(row['prompt_id'], k)}"
-            (draw(row["prompt"], k) if draw else coloured_image(COLOURS[k], 32, seed=k)).save(folder / image)
-            rows.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k, seed=k, image=image))
-    files.write_jsonl_atomic(folder / "generations.jsonl", rows)
 
 
 @pytest.fixture
@@ -51,43 +27,6 @@ def run(tmp_path):
     args = label_args(tmp_path / "run", write_prompts(tmp_path / "prompts.txt"))
     fake_candidates(label.prepare(args))
     return args
-
-
-class Client:
-    def __init__(self, folder, seed=0, target=6):
-        self.server = label_server.make_server(labelling.Labelling(folder, seed, target), "127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def post(self, route, body, kind="application/json"):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        try:
-            request = urllib.request.Request(self.url + route, data=data, headers={"Content-Type": kind}, method="POST")
-            with urllib.request.urlopen(request) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def start_page(command, banner):
-    """A server process started with command, and a Client for the address it prints on the line starting with banner."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith(banner):
-            client = Client.__new__(Client)
-            client.url = next(word for word in line.split() if word.startswith("http://")).split("/?")[0]
-            return proc, client
-    raise AssertionError(f"no address printed; exit status {proc.wait()}")
-
-
-def judgement_lines(folder):
-    path = folder / "judgements.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
 
 
 def test_prompt_file_and_split(tmp_path):
@@ -122,32 +61,31 @@ def test_settings_recorded(run, tmp_path):
 
 
 def test_bad_requests_write_nothing(run):
-    folder, client = run.run / "label", Client(run.run / "label")
+    folder, client = run.run / "label", Client.serve(run.run / "label")
     try:
-        status, first = client.post("/api/next", {"name": "alice"})
+        status, first = client.post("/api/next", {})
         assert status == 200 and first["pair"]["prompt_id"] and first["progress"]["pairs"] == 9
         pid = first["pair"]["id"]
         bad = [(b"{not json", 400, "malformed JSON"), (b"[1, 2]", 400, "JSON object"),
-               ({"name": "alice", "pair": pid}, 400, "choice"), ({"pair": pid, "choice": "a"}, 400, "name"),
-               ({"name": "alice", "pair": pid, "choice": "left"}, 400, "choice 'left'"),
-               ({"name": "al ice", "pair": pid, "choice": "a"}, 400, "name 'al ice'"),
-               ({"name": "alice", "pair": "nope/0-1", "choice": "a"}, 404, "unknown pair"),
-               ({"name": "alice", "pair": 3, "choice": "a"}, 400, "pair")]
+               ({"pair": pid}, 400, "choice"), ({"choice": "a"}, 400, "pair"),
+               ({"pair": pid, "choice": "left"}, 400, "expected a choice"),
+               ({"pair": "nope/0-1", "choice": "a"}, 404, "unknown pair"), ({"pair": 3, "choice": "a"}, 400, "pair")]
         for body, status, message in bad:
             got = client.post("/api/judge", body)
             assert got[0] == status and message in got[1]["error"], (body, got)
-        assert client.post("/api/judge", json.dumps({"name": "alice", "pair": pid, "choice": "a"}).encode(),
-                           "text/plain")[0] == 415  # what another site's page could send without asking
-        assert client.post("/api/undo", {"name": "alice"})[0] == 409
-        assert client.post("/api/nope", {"name": "alice"})[0] == 404
+        assert client.post("/api/judge", json.dumps({"pair": pid, "choice": "a"}).encode(),
+                           kind="text/plain")[0] == 415  # what another site's page could send without asking
+        assert client.post("/api/undo", {})[0] == 409
+        assert client.post("/api/nope", {})[0] == 404
+        assert client.get("/api/judge")[0] == 405
         assert judgement_lines(folder) == []
-        status, second = client.post("/api/next", {"name": "bob"})
+        status, second = client.post("/api/next", {}, who="bob")
         assert second["pair"]["id"] != pid  # never the pair alice holds
-        assert client.post("/api/judge", {"name": "bob", "pair": pid, "choice": "a"})[0] == 409
-        assert client.post("/api/next", {"name": "alice"})[1]["pair"]["id"] == pid  # a reload: the same pair
-        assert client.post("/api/judge", {"name": "alice", "pair": pid, "choice": "a"})[0] == 200
-        assert client.post("/api/judge", {"name": "alice", "pair": pid, "choice": "b"})[0] == 409  # double submit
-        assert client.post("/api/judge", {"name": "bob", "pair": pid, "choice": "b"})[0] == 409
+        assert client.post("/api/judge", {"pair": pid, "choice": "a"}, who="bob")[0] == 409
+        assert client.post("/api/next", {})[1]["pair"]["id"] == pid  # a reload: the same pair
+        assert client.post("/api/judge", {"pair": pid, "choice": "a"})[0] == 200
+        assert client.post("/api/judge", {"pair": pid, "choice": "b"})[0] == 409  # double submit
+        assert client.post("/api/judge", {"pair": pid, "choice": "b"}, who="bob")[0] == 409
         lines = judgement_lines(folder)
         assert len(lines) == 1 and lines[0]["choice"] == "a" and lines[0]["labeller"] == "alice"
         assert {"prompt_id", "prompt", "image_a", "image_b", "time"} <= set(lines[0])
@@ -163,31 +101,31 @@ def test_order_covers_prompts_first(run):
 
 def test_undo_restart_and_finish(run):
     folder = run.run / "label"
-    client = Client(folder)
+    client = Client.serve(folder)
     done = []
     try:
-        answer = client.post("/api/next", {"name": "alice"})[1]
+        answer = client.post("/api/next", {})[1]
         for choice in ("a", "b", "tie", "skip", "a"):
             done.append((answer["pair"], choice))
-            answer = client.post("/api/judge", {"name": "alice", "pair": answer["pair"]["id"], "choice": choice})[1]
-        undone = client.post("/api/undo", {"name": "alice"})[1]
+            answer = client.post("/api/judge", {"pair": answer["pair"]["id"], "choice": choice})[1]
+        undone = client.post("/api/undo", {})[1]
         assert undone["pair"] == done[-1][0] and undone["progress"]["done"] == 3
-        assert client.post("/api/next", {"name": "bob"})[1]["pair"] != undone["pair"]  # held for alice again
-        answer = client.post("/api/judge", {"name": "alice", "pair": undone["pair"]["id"], "choice": "b"})[1]
+        assert client.post("/api/next", {}, who="bob")[1]["pair"] != undone["pair"]  # held for alice again
+        answer = client.post("/api/judge", {"pair": undone["pair"]["id"], "choice": "b"})[1]
         done[-1] = (done[-1][0], "b")
         held = answer["pair"]["id"]
     finally:
         client.close()  # a stop with nothing to save: every answer came after its line was fsynced
     with open(folder / "judgements.jsonl", "a") as f:
         f.write('{"id": "j9", "pair": "cut by a ki')  # a line cut by a kill
-    client = Client(folder)
+    client = Client.serve(folder)
     try:
-        status = json.loads(urllib.request.urlopen(client.url + "/api/status?name=alice").read())
+        status = json.loads(client.get("/api/status")[2])
         assert status["done"] == 4 and status["skips"] == 1 and status["yours"] == 5 and status["left"] == 4
-        answer = client.post("/api/next", {"name": "alice"})[1]
+        answer = client.post("/api/next", {})[1]
         assert answer["pair"]["id"] not in {p["id"] for p, _ in done}
-        assert client.post("/api/undo", {"name": "alice"})[1]["pair"] == done[-1][0]  # undo reaches back over the restart
-        client.post("/api/judge", {"name": "alice", "pair": done[-1][0]["id"], "choice": "b"})
+        assert client.post("/api/undo", {})[1]["pair"] == done[-1][0]  # undo reaches back over the restart
+        client.post("/api/judge", {"pair": done[-1][0]["id"], "choice": "b"})
         assert held  # held pairs are not persisted: after a restart the first free pair is handed out again
     finally:
         client.close()
@@ -208,10 +146,10 @@ def test_undo_restart_and_finish(run):
     stats = json.loads((run.run / "seed/stats.json").read_text())
     assert (stats["pairs"], stats["undone"], stats["tie"], stats["skip"]) == (3, 2, 1, 1)
     label.finish(run)  # the same judgements again: nothing to change
-    client = Client(folder)
+    client = Client.serve(folder)
     try:
-        answer = client.post("/api/next", {"name": "bob"})[1]
-        client.post("/api/judge", {"name": "bob", "pair": answer["pair"]["id"], "choice": "a"})
+        answer = client.post("/api/next", {}, who="bob")[1]
+        client.post("/api/judge", {"pair": answer["pair"]["id"], "choice": "a"}, who="bob")
     finally:
         client.close()
     before = files.seed_pairs_path(run.run).read_bytes()
@@ -221,20 +159,22 @@ def test_undo_restart_and_finish(run):
 
 
 def test_killed_server_continues(run):
-    """A real process, killed with SIGKILL between two judgements, then started again with the same command."""
-    command = [sys.executable, "-m", "tools.label", "--run", str(run.run), "--prompts", str(run.prompts), "--preset",
-               "tiny-sd15", "--label-prompts", "3", "--candidates", "3", "--pool-sizes", "4,5", "--port", "0"]
-
-    proc, client = start_page(command, "labelling page: ")
+    """A real process, killed with SIGKILL between two judgements, then started again with the same command; the
+    links (tokens) stay the same, and the process never loads torch."""
+    proc, client = start_page(label_command(run, "--labellers", "dora"), "labelling page: ")
     try:
-        answer = client.post("/api/next", {"name": "dora"})[1]
-        first = client.post("/api/judge", {"name": "dora", "pair": answer["pair"]["id"], "choice": "b"})[1]
+        answer = client.post("/api/next", {}, who="dora")[1]
+        first = client.post("/api/judge", {"pair": answer["pair"]["id"], "choice": "b"}, who="dora")[1]
+        libraries = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" not in libraries and "/torch/" not in libraries  # candidates were there: no model loaded
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    proc, client = start_page(command, "labelling page: ")
+    tokens = client.tokens
+    proc, client = start_page(label_command(run, "--labellers", "dora"), "labelling page: ")
     try:
-        again = client.post("/api/next", {"name": "dora"})[1]
+        assert client.tokens == tokens
+        again = client.post("/api/next", {}, who="dora")[1]
         assert again["progress"]["done"] == 1 and again["pair"]["id"] not in (answer["pair"]["id"], None)
         assert again["pair"]["id"] == first["pair"]["id"]  # the same order after the restart
     finally:
@@ -277,7 +217,7 @@ def test_page_in_a_browser(tmp_path):
     args = label_args(tmp_path / "run", prompts, "--target", "8")
     folder = label.prepare(args)
     fake_candidates(folder, toy_picture)
-    client = Client(folder, target=8)
+    client = Client.serve(folder, labellers=("erin",), target=8)
     lines = lambda: judgement_lines(folder)  # noqa: E731
 
     def shown():  # the pair on the page once both images have loaded
@@ -291,8 +231,11 @@ def test_page_in_a_browser(tmp_path):
         return shown()
 
     try:
-        driver.get(client.url + "/?name=erin")
+        driver.get(client.url + "/?token=" + client.tokens["erin"])  # the link the command prints for erin
         first = shown()
+        assert driver.current_url == client.url + "/"  # the token moved into a cookie, out of the address bar
+        style = "return getComputedStyle(document.body).backgroundColor"
+        assert driver.execute_script(style) == "rgb(244, 242, 238)"  # the page's policy lets its own style apply
         assert driver.find_element(By.ID, "prompt").text == first["prompt"]
         assert driver.find_element(By.ID, "who").text == "erin"
         body = driver.find_element(By.TAG_NAME, "body")
@@ -329,12 +272,49 @@ def test_page_in_a_browser(tmp_path):
     assert [p["_image_w"].name for p in pairs] == [Path(r["image_" + r["choice"]]).name for r in kept]
 
 
-def test_candidates_through_01_generate(tmp_path):
-    """The real path on the tiny SD1.5 model: 01_generate.py's main draws the candidates into label/."""
+DRAW = """
+import sys
+from tools import label
+args = label.build_parser().parse_args(sys.argv[1:])
+label.generate(args, label.prepare(args))
+assert "torch" not in sys.modules, "the labelling process loaded torch"
+"""
+
+
+def draw_in_a_labelling_process(tmp_path):
+    """The label folder after a `tools.label` process (up to the server) drew the candidates of the tiny SD1.5 model."""
     args = label_args(tmp_path / "run", write_prompts(tmp_path / "prompts.txt"))
-    folder = label.prepare(args)
-    label.generate(args, folder)
+    command = [sys.executable, "-c", DRAW] + [str(a) for a in ("--run", args.run, "--prompts", args.prompts, "--preset",
+                                                                "tiny-sd15", "--label-prompts", 3, "--candidates", 3,
+                                                                "--pool-sizes", "4,5")]
+    subprocess.run(command, check=True, timeout=600)
+    return args.run / "label"
+
+
+def test_candidates_drawn_in_a_child(tmp_path):
+    """The real path on the tiny SD1.5 model: tools/label.py's process has the library draw the candidates in a
+    child process and never loads torch itself."""
+    folder = draw_in_a_labelling_process(tmp_path)
     rows = files.read_jsonl(folder / "generations.jsonl")
     assert len(rows) == 9 and json.loads((folder / "generate.settings.json").read_text())["model"] == "tiny-sd15"
     assert all(Image.open(folder / r["image"]).size == (32, 32) for r in rows)
     assert len(labelling.Labelling(folder, 0, 6).pairs) == 9
+
+
+@pytest.mark.slow
+def test_candidates_equal_01_generate(tmp_path):
+    """Parity: the candidates equal those of 01_generate.py (this commit) with the same model, prompts, count and
+    seed, pixel for pixel, with the same generations.jsonl and settings record."""
+    folder = draw_in_a_labelling_process(tmp_path)
+    stage = load_stage("01_generate")
+    stage.locked_main(stage.build_parser().parse_args(
+        ["--ckpt", "tiny-sd15", "--pool", str(folder / "prompts.jsonl"), "--out", str(tmp_path / "by01"),
+         "--num-candidates", "3", "--seed", "0"]))
+    rows = files.read_jsonl(folder / "generations.jsonl")
+    assert [files.strip_private(r) for r in files.read_jsonl(tmp_path / "by01" / "generations.jsonl")] == \
+        [files.strip_private(r) for r in rows]
+    for row in rows:
+        assert np.array_equal(np.asarray(Image.open(folder / row["image"])),
+                              np.asarray(Image.open(tmp_path / "by01" / row["image"])))
+    settings = [json.loads((out / "generate.settings.json").read_text()) for out in (folder, tmp_path / "by01")]
+    assert settings[0] | {"pool": None} == settings[1] | {"pool": None}  # the pool's path is relative to each folder

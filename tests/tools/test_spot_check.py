@@ -5,12 +5,11 @@ import json
 import shutil
 import signal
 import sys
-import urllib.request
 
 import numpy as np
 import pytest
+from label_client import start_page
 from PIL import Image
-from test_label import start_page
 
 from sail import common, files
 from tools import spot_check
@@ -136,28 +135,36 @@ def test_settings_trained_iterations_and_bad_pairs(tmp_path):
 
 def test_the_page_waits_for_the_human_and_continues_after_a_kill(tmp_path):
     """A real process serving the pairs; the test is the human, preferring what the oracle prefers, except on
-    one pair it calls a tie; killed with SIGKILL after two judgements, then started again."""
+    one pair it calls a tie; killed with SIGKILL after two judgements, then started again. The page is guarded as
+    tools/label.py's: a token per labeller (the same links after the restart), Host checks, security headers."""
     run = fake_run(tmp_path / "run")
     command = [sys.executable, "-m", "tools.spot_check", "--run", str(run), "--iter", "2", "--pairs", "0",
-               "--port", "0"]
+               "--port", "0", "--labellers", "dora,emil"]
 
     def judge(client, answer):
         pair = answer["pair"]
         a, b = (world.oracle_score(pair["prompt"], Image.open(run / "iter_02" / pair[side])) for side in ("image_a", "image_b"))
         choice = "tie" if pair["prompt_id"] == "p0" else "a" if a > b else "b"
-        return client.post("/api/judge", {"name": "dora", "pair": pair["id"], "choice": choice})[1]
+        return client.post("/api/judge", {"pair": pair["id"], "choice": choice}, who="dora")[1]
 
     proc, client = start_page(command, "spot check page: ")
     try:
-        answer = client.post("/api/next", {"name": "dora"})[1]
-        served = urllib.request.urlopen(client.url + "/" + answer["pair"]["image_a"]).read()
+        answer = client.post("/api/next", {}, who="dora")[1]
+        status, headers, served = client.get("/" + answer["pair"]["image_a"], who="dora")
         assert served == (run / "iter_02" / answer["pair"]["image_a"]).read_bytes()
+        assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+        assert client.get("/" + answer["pair"]["image_a"], who=None)[0] == 401
+        assert client.post("/api/next", {}, who=None)[0] == 401
+        assert client.post("/api/next", {}, who="dora", headers={"Host": "rebind.evil.example"})[0] == 403
+        assert client.post("/api/judge", {"pair": answer["pair"]["id"], "choice": "a"}, who="emil")[0] == 409  # dora's
         answer = judge(client, judge(client, answer))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    tokens = client.tokens
     proc, client = start_page(command, "spot check page: ")
-    answer = client.post("/api/next", {"name": "dora"})[1]
+    assert client.tokens == tokens and json.loads((run / "eval" / "spot" / "tokens.json").read_text()) == tokens
+    answer = client.post("/api/next", {}, who="dora")[1]
     assert answer["progress"]["done"] == 2
     while answer["pair"]:
         answer = judge(client, answer)
