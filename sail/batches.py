@@ -2,10 +2,9 @@
 transform does (resize, crop, flip), read ahead of the step by DataLoader workers, prompts and images
 encoded (text encoders, VAE), and the cache of latents for pairs seen again.
 """
+import os
 import random
 from collections import Counter
-
-import os
 
 import numpy as np
 import torch
