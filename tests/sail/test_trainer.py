@@ -29,7 +29,7 @@ def test_step_metrics_are_what_the_per_micro_batch_values_give(tmp_path, monkeyp
     """The metrics add up on the device and reach the host once per step; they equal, to the bit, the
     arithmetic of reading every micro batch's values (`.item()`) and summing them on the host, which they
     replace: a Python sum of value x pairs per micro batch, then float32, then / --batch-size."""
-    job = start_job(tmp_path, "--batch-size", 6, "--micro-batch", 2, "--lr", 1e-3)  # three micro batches per step
+    job = start_job(tmp_path, "--batch-size", 8, "--micro-batch", 1, "--lr", 1e-3)  # eight micro batches per step
     results, norms = [], []
     real_step, real_clip = dpo.dpo_micro_batch, job.accelerator.clip_grad_norm_
     monkeypatch.setattr(dpo, "dpo_micro_batch", lambda *a, **k: results.append(real_step(*a, **k)) or results[-1])
@@ -37,9 +37,9 @@ def test_step_metrics_are_what_the_per_micro_batch_values_give(tmp_path, monkeyp
     for step in range(3):
         results.clear(), norms.clear()
         metrics = trainer.train_step(job, step)
-        assert len(results) == 3 and len(norms) == 1
-        stats = [[getattr(r, name).item() * 2 for name in trainer.METRICS] for r in results]
-        totals = (torch.tensor([sum(column) for column in zip(*stats)]) / 6).tolist()
+        assert len(results) == 8 and len(norms) == 1
+        stats = [[getattr(r, name).item() * 1 for name in trainer.METRICS] for r in results]  # value x pairs
+        totals = (torch.tensor([sum(column) for column in zip(*stats)]) / 8).tolist()
         assert metrics == trainer.StepMetrics(*totals, float(norms[0]))
         assert metrics.loss != pytest.approx(math.log(2), abs=1e-6) or step == 0  # the model moved: not log 2 throughout
 
