@@ -1,7 +1,8 @@
 """Iteration 0 of SAIL: DiffusionDPO from the base model on the human seed pairs.
 
 This is 04_train.py with the base model as start and reference and seed/pairs.jsonl as data
-(one training loop in the kit). Every 04_train.py flag works here too.
+(one training loop in the kit): the process becomes `04_train.py ... --iter 0` (os.execv: the same
+process and environment, so `accelerate launch 00_seed_dpo.py` works). Every 04_train.py flag works here too.
 
 Commands:
     python 00_seed_dpo.py --run runs/toy --preset toy
@@ -15,23 +16,20 @@ Reads:  runs/<run>/seed/pairs.jsonl and its images (from toy.data, tools/prepare
 Writes: runs/<run>/iter_00/ckpt/ (unet/, sail.json, train_log.jsonl), iter_00/train.args.json,
         iter_00/log.txt; with --report-to, iter_00/tracker/; with --validation-every, iter_00/validation/.
 """
-import importlib
+import os
+import sys
+from pathlib import Path
 
-from sail import common
-
-train = importlib.import_module("04_train")  # a stage file: its name starts with a digit
-
-
-def build_parser():
-    parser = train.build_parser()
-    parser.description = __doc__
-    return parser
+TRAIN = Path(__file__).resolve().with_name("04_train.py")
 
 
 def main(args):
-    args.iter = 0
-    train.locked_main(args)
+    """Become 04_train.py with these command-line arguments and --iter 0 (given last, so it wins)."""
+    if {"-h", "--help"} & set(args):
+        print(__doc__ + "\nThe flags are 04_train.py's:\n", flush=True)
+    interpreter = sys.orig_argv[:len(sys.orig_argv) - len(sys.argv)]  # python and its own options (-u, -X ...)
+    os.execv(sys.executable, [*interpreter, str(TRAIN), *args, "--iter", "0"])
 
 
 if __name__ == "__main__":
-    common.run_stage(main, build_parser().parse_args())
+    main(sys.argv[1:])

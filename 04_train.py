@@ -3,7 +3,9 @@
 The start model is also the frozen reference (the paper's setting: iteration i trains from
 epsilon^i with epsilon^i as reference). Each pair's two images get the same crop, flip,
 timestep and noise; the preferred and dispreferred halves go through the UNet as one batch,
-the reference runs once per batch without gradients. Loss: sail/dpo.py (beta 5000).
+the reference runs once per batch without gradients. Loss: sail/dpo.py (beta 5000). The job (its
+settings, models and one optimizer step) is sail/trainer.py's start and train_step; this file runs
+the loop, logs, saves the resumable states and writes the checkpoint.
 
 The whole UNet is trained by default, as in the paper and DiffusionDPO. --lora-rank R trains a
 LoRA of rank R on the attention projections instead (needs `pip install peft`): the reference is
@@ -38,22 +40,14 @@ import argparse
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
-
-from sail import batches, common, dpo, files, models, optim, training, validation
+from sail import common, dpo, files, models, trainer, training, validation
 from sail.lora import LORA_TARGETS, add_lora, lora_config, save_lora
-from sail.settings import fill_defaults, get_preset
 
 log = logging.getLogger("sail")
-SETTING_NAMES = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
-                 "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
-PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "micro_batch", "epochs", "max_steps", "batch_size", "lr")
 
 
 def build_parser():
@@ -66,11 +60,13 @@ def build_parser():
     p.add_argument("--out", type=Path, help="checkpoint folder to write")
     p.add_argument("--beta", type=float, default=dpo.BETA)
     p.add_argument("--batch-size", type=int, help="effective batch in pairs (paper: 128)")
-    p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process")
+    p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process (default: from the GPU's memory, "
+                                                   "sail/memory.py; on the CPU the preset's)")
     p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
     p.add_argument("--lr-per-pair", type=float, default=1e-8)
-    p.add_argument("--optimizer", choices=["adamw", "adafactor", "adamw8bit"],
-                   help="paper: adamw SD1.5, adafactor SDXL; adamw8bit: bitsandbytes' 8-bit AdamW")
+    p.add_argument("--optimizer", choices=["adamw", "adafactor", "adamw8bit", "adafactor-torch"],
+                   help="paper: adamw SD1.5, adafactor SDXL; adamw8bit: bitsandbytes' 8-bit AdamW; adafactor-torch: "
+                        "torch's foreach Adafactor, whose steps scale with each weight's size (docs/training.md)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -81,7 +77,9 @@ def build_parser():
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (default for presets with flip=False)")
     p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: the accelerate config's, else the preset's")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (on by default for sdxl)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="trade compute for memory (default: where the GPU's memory needs it, sail/memory.py; on the CPU "
+                        "on for sdxl)")
     p.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank instead of the whole UNet (0: whole UNet, the paper's setting)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha: the rank)")
     p.add_argument("--no-cache-latents", action="store_true", help="VAE-encode every step instead of once")
@@ -97,6 +95,12 @@ def build_parser():
     p.add_argument("--restart", action="store_true", help="discard a killed run's state instead of resuming")
     p.add_argument("--export-pipeline", type=Path, help="also write a full diffusers pipeline folder here")
     models.add_speed_flags(p, training=True)
+    p.add_argument("--num-workers", type=int,
+                   help="processes that read and transform the images ahead of the step (default: up to 4 on a GPU, "
+                        "0 on the CPU; 0: the training thread reads them)")
+    p.add_argument("--vae-fp32", action=argparse.BooleanOptionalAction,
+                   help="encode the training images with the VAE in float32 (default: only SDXL under fp16, whose VAE "
+                        "overflows in half precision; under bf16 it encodes in bf16)")
     return p
 
 
@@ -113,198 +117,51 @@ def resolve_paths(args):
     return args
 
 
-def training_settings(args, total_steps, folder):
-    """What decides the trained weights, recorded with a killed run's state: a resume with other values
-    would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
-    and round-off only), so a run killed for memory can resume with a smaller micro batch."""
-    return dict({name: getattr(args, name) for name in SETTING_NAMES}, steps=total_steps,
-                init=models.model_setting(args.init, folder), pairs=files.relative_to(args.pairs, folder))
-
-
 def main(args):
     args = resolve_paths(args)
     if Path(args.out).exists():
-        training.check_finished_settings(args, [n for n in SETTING_NAMES if n != "no_flip"] + ["max_steps"])  # no_flip: preset's
+        names = [n for n in trainer.SETTING_NAMES if n != "no_flip"] + ["max_steps"]  # no_flip: the preset's
+        training.check_finished_settings(args, names)
         print(f"{args.out} is finished already; skipping (delete it to train again)")
         return
-    job = setup(args)
+    job = trainer.start(args)
+    window, since, started = [], time.time(), time.time()
     for step in common.progress(range(job.start_step, job.total_steps), initial=job.start_step, total=job.total_steps,
-                                   desc="train"):
-        totals = train_step(job, step)
-        log_and_save(job, step, totals)
-    finish(job)
+                                desc="train"):
+        window.append(trainer.train_step(job, step))
+        if (step + 1) % args.log_every == 0 or step + 1 == job.total_steps:
+            log_metrics(job, step, window, time.time() - since)
+            window, since = [], time.time()
+        validate_and_save(job, step)
+    finish(job, time.time() - started)
 
 
-def setup(args):
-    """Settle the arguments, read the pairs, load the models, and start afresh or resume: the job."""
-    init = models.describe_model(args.init)
-    preset = get_preset(args.preset or init.preset or "sd15")
-    args.mixed_precision = args.mixed_precision or training.mixed_precision_from_accelerate()
-    fill_defaults(args, preset, PRESET_KEYS)
-    args.gradient_checkpointing = args.gradient_checkpointing or preset.get("gradient_checkpointing", False)
-    args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
-    args.lr = args.lr or args.lr_per_pair * args.batch_size
-    if args.lora_rank < 0:
-        raise common.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
-    args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
-    if args.keep_states < 1:
-        raise common.SailError(f"--keep-states {args.keep_states}: keep at least 1")
-    out = Path(args.out)
-    accelerator = training.make_accelerator(args.mixed_precision, args.report_to, out.parent)
-    if accelerator.is_main_process:
-        common.setup_logging(out.parent, "train")
-    pairs = files.read_pairs(args.pairs)
-    for i, row in enumerate(pairs):
-        row["_index"], row["_file"] = i, str(args.pairs)
-    per_process = args.batch_size // accelerator.num_processes
-    if per_process * accelerator.num_processes != args.batch_size or per_process < 1:
-        raise common.SailError(f"--batch-size {args.batch_size} must be a multiple of the {accelerator.num_processes} processes")
-    job = SimpleNamespace(args=args, init=init, preset=preset, accelerator=accelerator, device=accelerator.device, out=out,
-                          pairs=pairs, partial=out.with_name(out.name + ".partial"),
-                          micro=training.micro_batch(args.micro_batch or per_process, per_process),
-                          total_steps=args.max_steps or max(1, math.ceil(args.epochs * len(pairs) / args.batch_size)),
-                          window=[], start_step=0)
-    training.configure_accumulation(accelerator, per_process // job.micro, job.micro, args.max_grad_norm)
-    load_models(job)
-    resume_or_start(job)
-    job.counts = {src: sum(r["source"] == src for r in pairs) for src in ("human", "self")}
-    log.info("DPO: %d pairs (%d human, %d self) from %s | init %s | %d steps x %d pairs | lr %.3g | beta %g | %s | "
-             "%d process(es), %s, micro batch %d", len(pairs), job.counts["human"], job.counts["self"], args.pairs, args.init,
-             job.total_steps, args.batch_size, args.lr, args.beta, args.optimizer, accelerator.num_processes,
-             accelerator.distributed_type.value, job.micro)
-    job.order = []
-    for epoch in range(math.ceil(job.total_steps * args.batch_size / len(pairs)) + 1):
-        seed = common.derive_seed(args.seed, "order", epoch)
-        job.order += torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    uses = batches.future_uses(job.order, job.start_step, job.total_steps, args.batch_size, accelerator.process_index,
-                             accelerator.num_processes)
-    job.latent_cache = batches.LatentCache(uses, 0 if args.no_cache_latents else args.latent_cache_gb * 2**30)
-    training.start_trackers(job)
-    validation.start_validation(job, resumed=job.start_step > 0)
-    job.timer = job.loop_start = time.time()
-    return job
+def log_metrics(job, step, window, seconds):
+    """The means of the steps since the last log line, to the log, <out>.partial/train_log.jsonl and the trackers."""
+    if not job.accelerator.is_main_process:
+        return
+    mean = {name: sum(getattr(metrics, name) for metrics in window) / len(window) for name in trainer.StepMetrics._fields}
+    rate = len(window) * job.args.batch_size / seconds
+    row = dict(step=step + 1, loss=round(mean["loss"], 5), implicit_acc=round(mean["implicit_acc"], 4),
+               reward_margin=round(mean["reward_margin"], 4), lr=job.schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
+    row.update({"grad_norm": round(mean["grad_norm"], 5)} if math.isfinite(mean["grad_norm"]) else {}, **files.peak_memory())
+    log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
+             step + 1, job.total_steps, mean["loss"], mean["implicit_acc"], mean["reward_margin"], row["lr"], rate)
+    with open(job.partial / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    job.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
 
 
-def load_models(job):
-    """The pipeline (frozen VAE, text encoders; the reference UNet), the trained UNet (whole, or a
-    LoRA on it whose adapter switched off is the reference), the optimizer and its schedule."""
-    args, device = job.args, job.device
-    job.frozen_dtype = models.inference_dtype(device, args.mixed_precision)
-    job.pipe = pipe = models.load_pipeline(job.init, device, job.frozen_dtype, encoding=True)
-    unet = models.load_unet(job.init, torch.float32)
-    n_params = sum(p.numel() for p in unet.parameters())
-    states = 3 * args.keep_states if args.save_every else 0  # each: the weights and AdamW's two moments
-    files.check_free_space(job.out.parent, n_params * 4 * (2 + states), "the checkpoint and resumable states")
-    if args.lora_rank:
-        unet = add_lora(unet, lora_config(args.lora_rank, args.lora_alpha), args.seed).to(device)
-        job.ref_unet, job.ref_dtype = unet, torch.float32  # unwrapped, so switching its adapter off never goes through DDP
-        pipe.unet = None  # the second copy of the UNet is not needed
-        log.info("LoRA rank %d alpha %g on %s: %d trainable of %d parameters", args.lora_rank, args.lora_alpha,
-                 "/".join(LORA_TARGETS), sum(p.numel() for p in unet.parameters() if p.requires_grad), n_params)
-    else:
-        unet = unet.to(device)
-        job.ref_unet, job.ref_dtype = pipe.unet.eval().requires_grad_(False), job.frozen_dtype  # the start model, frozen
-    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
-            module.requires_grad_(False)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    models.speed_up(unet, args.compile, channels_last=args.channels_last)
-    if not args.lora_rank:
-        models.speed_up(job.ref_unet, args.compile, channels_last=args.channels_last)
-    optimizer = optim.make_optimizer(args.optimizer, [p for p in unet.parameters() if p.requires_grad], args.lr,
-                                         args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    job.unet, job.optimizer, job.schedule = job.accelerator.prepare(unet, optimizer, schedule)
-    job.noise_scheduler = dpo.forward_process(pipe.scheduler)
-
-
-def resume_or_start(job):
-    """Continue a killed run's state made with the same settings (other settings stop), or start one."""
-    args, accelerator, partial = job.args, job.accelerator, job.partial
-    if partial.exists() and args.restart and accelerator.is_main_process:
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    settings = training_settings(args, job.total_steps, job.out.parent)
-    if (partial / "progress.json").is_file():
-        if not (partial / "settings.json").is_file():
-            raise common.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
-        files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
-        job.start_step, state = training.resume_state(partial)
-        accelerator.load_state(str(state))
-        if accelerator.is_main_process:
-            training.trim_log(partial / "train_log.jsonl", job.start_step)
-        log.info("resuming from %s at step %d", partial, job.start_step)
-    elif accelerator.is_main_process:
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "train_log.jsonl").write_text("")
-        files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
-    if accelerator.is_main_process:
-        files.save_args(job.out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(job.pairs))
-
-
-def train_step(job, step):
-    """One optimizer step on --batch-size pairs, in micro batches accumulated by accelerate (equal micro
-    batches, so its mean of means is the mean over pairs); returns the batch's mean loss, implicit
-    accuracy and reward margin, and the gradient norm before clipping."""
-    args, accelerator, device = job.args, job.accelerator, job.device
-    step_rows = [job.pairs[i] for i in job.order[step * args.batch_size:(step + 1) * args.batch_size]]
-    mine = step_rows[accelerator.process_index::accelerator.num_processes]
-    stats = []
-    accelerator.step = 0  # this step's micro batches count from 0 whatever the micro batch of an earlier start
-    for m in range(0, len(mine), job.micro):
-        rows = mine[m:m + job.micro]
-        prompts = ["" if random.Random(common.derive_seed(args.seed, "empty", step, r["_index"])).random() < args.empty_prompt_prob
-                   else r["prompt"] for r in rows]
-        latents = batches.pair_latents(job, rows)
-        # noise and timestep depend on (step, pair) only: the same for any number of processes
-        gens = [torch.Generator().manual_seed(common.derive_seed(args.seed, "noise", step, r["_index"])) for r in rows]
-        noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in gens]).to(device)
-        t = torch.cat([torch.randint(0, job.noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in gens])
-        cond = batches.encode_prompts(job.pipe, prompts, device)
-        with accelerator.accumulate(job.unet), training.autocast(job):
-            result = dpo.dpo_micro_batch(job.unet, job.ref_unet, job.noise_scheduler, latents, noise, t.to(device),
-                                               cond, args.resolution, args.beta, job.ref_dtype,
-                                               lora_reference=bool(args.lora_rank))
-            accelerator.backward(result.loss)  # divided by the number of micro batches
-        stats.append([x.item() * len(rows) for x in result[:3]])
-    finite = torch.tensor([1.0 if all(math.isfinite(s[0]) for s in stats) else 0.0], device=device)
-    if accelerator.reduce(finite, "min").item() < 1:
-        raise common.SailError(f"non-finite DPO loss at step {step} (lr {args.lr:g}, beta {args.beta:g}); "
-                                  f"no checkpoint written. Lower --lr or use --mixed-precision no/bf16")
-    grad_norm = accelerator.clip_grad_norm_(job.unet.parameters(), args.max_grad_norm) if args.max_grad_norm else None
-    job.optimizer.step()
-    job.schedule.step()
-    job.optimizer.zero_grad(set_to_none=True)
-    totals = (accelerator.reduce(torch.tensor([sum(c) for c in zip(*stats)], device=device), "sum") / args.batch_size).tolist()
-    return totals + [float("nan") if grad_norm is None else float(grad_norm)]
-
-
-def log_and_save(job, step, totals):
-    """Log the mean of the last --log-every steps (log, train_log.jsonl, trackers); every --save-every
-    steps, the resumable state; every --validation-every steps and at the end, validation images."""
-    args, accelerator, partial = job.args, job.accelerator, job.partial
-    job.window.append(totals)
-    if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == job.total_steps):
-        mean = [sum(col) / len(job.window) for col in zip(*job.window)]
-        rate = len(job.window) * args.batch_size / (time.time() - job.timer)
-        row = dict(step=step + 1, loss=round(mean[0], 5), implicit_acc=round(mean[1], 4), reward_margin=round(mean[2], 4),
-                   lr=job.schedule.get_last_lr()[0], pairs_per_s=round(rate, 2))
-        row.update({"grad_norm": round(mean[3], 5)} if math.isfinite(mean[3]) else {}, **files.peak_memory())
-        log.info("step %d/%d loss %.4f implicit_acc %.3f margin %.3f lr %.3g | %.1f pairs/s",
-                 step + 1, job.total_steps, mean[0], mean[1], mean[2], row["lr"], rate)
-        with open(partial / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
-        job.timer, job.window = time.time(), []
+def validate_and_save(job, step):
+    """Every --validation-every steps and at the end, validation images; every --save-every steps, the resumable state."""
+    args = job.args
     if job.validation and ((step + 1) % args.validation_every == 0 or step + 1 == job.total_steps):
         validation.validate(job, step + 1)
     if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < job.total_steps:
         training.save_state(job, step + 1, args.keep_states)
 
 
-def finish(job):
+def finish(job, seconds):
     """Write the checkpoint (the LoRA merged in, the adapter beside it) with where it came from."""
     args, accelerator, init, partial, out = job.args, job.accelerator, job.init, job.partial, job.out
     accelerator.wait_for_everyone()
@@ -312,8 +169,7 @@ def finish(job):
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
-    timing = files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs",
-                                   time.time() - job.loop_start)
+    timing = files.save_timing(out.parent, "train", (job.total_steps - job.start_step) * args.batch_size, "pairs", seconds)
     iteration = args.iter if args.iter is not None else 0 if init.iteration is None else init.iteration + 1
     info = dict(base_model=init.base_model, arch=init.arch, preset=args.preset or init.preset,
                 parent=init.ckpt or init.base_model, iteration=iteration, pairs=str(args.pairs), pair_counts=job.counts,

@@ -1,5 +1,5 @@
 """Models of the kit: what a --model value names (`describe_model`: a preset, a checkpoint folder or a
-pipeline), loading the pipeline and UNet (SDXL's VAE encodes in float32), device and precision, the
+pipeline), loading the pipeline and UNet (and the precision the VAE encodes in), device and precision, the
 speed options, and checkpoints: saving them with where they came from, exporting a full pipeline.
 """
 import json
@@ -41,6 +41,15 @@ def torch_dtype(name):
 def inference_dtype(device, mixed_precision):
     """Frozen models run in half precision on a GPU, in float32 on the CPU."""
     return torch.float32 if device.type == "cpu" else torch_dtype(mixed_precision if mixed_precision != "no" else "fp32")
+
+
+def encoding_vae_dtype(arch, dtype, fp32=None):
+    """The precision the VAE encodes training images in, beside frozen models of precision `dtype`:
+    float32 with fp32=True or where they run in float32; SDXL's VAE overflows in fp16 (its config sets
+    force_upcast), so float32 there unless fp32=False; bf16 has float32's exponent range, so bf16 stays."""
+    if fp32 or dtype == torch.float32 or (fp32 is None and arch == "sdxl" and dtype == torch.float16):
+        return torch.float32
+    return dtype
 
 
 def model_setting(spec, folder):
@@ -131,10 +140,11 @@ def load_unet(desc, dtype=torch.float32):
         raise SailError(f"cannot load the UNet of {desc.unet or desc.base_path}: {err}") from None
 
 
-def load_pipeline(desc, device, dtype, sampler=None, encoding=False):
+def load_pipeline(desc, device, dtype, sampler=None, encoding=False, vae_dtype=None):
     """The diffusers pipeline of the base model with the checkpoint's UNet swapped in. With
     encoding=True (the VAE encodes images for a loss or a reward) SDXL's VAE runs in float32: it
-    overflows in half precision (its config sets force_upcast; the pipeline upcasts only to decode)."""
+    overflows in half precision (its config sets force_upcast; the pipeline upcasts only to decode).
+    vae_dtype: the VAE's precision instead (encoding_vae_dtype)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.disable_progress_bar()
@@ -144,7 +154,9 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False):
         pipe = cls.from_pretrained(desc.base_path, unet=load_unet(desc, dtype), torch_dtype=dtype, **extra)
     except (OSError, ValueError) as err:
         raise SailError(f"cannot load model {desc.base_path}: {err}") from None
-    if encoding and desc.arch == "sdxl":
+    if vae_dtype is not None:
+        pipe.vae.to(vae_dtype)
+    elif encoding and desc.arch == "sdxl":
         pipe.vae.to(torch.float32)
     if sampler:
         use_sampler(pipe, sampler)

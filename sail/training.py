@@ -1,10 +1,9 @@
-"""Training helpers of 04_train.py: experiment trackers, validation images drawn during training,
-the latent cache, resumable states, gradient accumulation through accelerate,
-mixed precision from an accelerate config, and the whole UNet of a sharded model.
+"""Training helpers of the DPO job (sail/trainer.py, 04_train.py): experiment trackers, resumable
+states, gradient accumulation through accelerate, mixed precision from an accelerate config, and the
+whole UNet of a sharded model.
 
 Nothing here runs on its own (04_train.py's docstring says what training reads and writes). Beside
-the checkpoint it adds <out parent>/tracker/ (TensorBoard events, wandb's local files) and
-<out parent>/validation/ (a folder of images per drawn step, grid.png, grid.json). Docs: docs/training.md.
+the checkpoint it adds <out parent>/tracker/ (TensorBoard events, wandb's local files). Docs: docs/training.md.
 """
 import importlib
 import json
@@ -160,15 +159,14 @@ def save_state(job, step, keep):
         files.write_json_atomic(partial / "progress.json", {"step": step})
         for old in state_dirs(partial)[:-keep]:
             shutil.rmtree(old)
-        shutil.rmtree(partial / "state", ignore_errors=True)  # the single state of earlier versions
 
 
 def resume_state(partial):
     """(step, state folder) of the newest complete state that progress.json names."""
     step = json.loads((Path(partial) / "progress.json").read_text())["step"]
-    for folder in (Path(partial) / f"state-{step}", Path(partial) / "state"):
-        if folder.is_dir():
-            return step, folder
+    folder = Path(partial) / f"state-{step}"
+    if folder.is_dir():
+        return step, folder
     raise common.SailError(f"{partial}/progress.json names step {step}, whose state-{step}/ is missing: add --restart")
 
 

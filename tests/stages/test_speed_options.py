@@ -1,15 +1,17 @@
 """The flags that only pay on a GPU (--fuse-qkv, --channels-last, --compile) change speed, not results:
-the UNet's outputs, 01's images and 02's rewards equal the plain path's up to round-off."""
+the UNet's outputs, 01's images and 02's rewards equal the plain path's up to round-off. The VAE's bf16
+encoding in training changes them within the bounds its test states."""
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import load_stage
-from helpers import make_pairs, make_pool
+from helpers import COLOURS, coloured_image, make_pairs, make_pool
 from PIL import Image
 
-from sail import common, files, models
+from sail import batches, common, dpo, files, models
 from sail.dpo import unet_call
 
 generate = load_stage("01_generate")
@@ -127,3 +129,41 @@ def test_training_has_no_fused_qkv_flag():
 @pytest.mark.slow
 def test_compiled_training_equals_the_plain_path(tmp_path, monkeypatch):
     assert_same_training(trained_change(tmp_path, monkeypatch, "plain"), trained_change(tmp_path, monkeypatch, "fast", "--compile"))
+
+
+def test_vae_encoding_precision_follows_the_frozen_models_but_sdxl_under_fp16():
+    fp32, bf16, fp16 = torch.float32, torch.bfloat16, torch.float16
+    assert models.encoding_vae_dtype("sdxl", bf16) == bf16 and models.encoding_vae_dtype("sd15", bf16) == bf16
+    assert models.encoding_vae_dtype("sdxl", fp16) == fp32 and models.encoding_vae_dtype("sd15", fp16) == fp16
+    assert models.encoding_vae_dtype("sdxl", fp32, fp32=False) == fp32  # float32 frozen models: float32 whatever asked
+    assert models.encoding_vae_dtype("sdxl", bf16, fp32=True) == fp32 and models.encoding_vae_dtype("sdxl", fp16, fp32=False) == fp16
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_bf16_vae_encoding_stays_near_the_float32_latents_and_loss(arch):
+    """Under bf16 the VAE encodes the training images in bf16, SDXL's too (float32 only under fp16): the
+    latents (rounded to bf16 after encoding either way), one DPO micro batch's loss and its gradient stay
+    within the bounds below of float32 encoding on the tiny models."""
+    pipe = models.load_pipeline(models.describe_model(f"tiny-{arch}"), torch.device("cpu"), torch.float32)
+    policy = copy.deepcopy(pipe.unet).requires_grad_(True)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(2e-3 * torch.randn(param.shape, generator=generator))
+    images = [coloured_image(c, 32, seed=i) for i, c in enumerate(COLOURS)]
+    images += images[::-1]  # 6 pairs: all preferred images, then all dispreferred
+    noise, t = torch.randn((6, 4, 16, 16), generator=generator), torch.randint(0, 1000, (6,), generator=generator)
+    cond, results = batches.encode_prompts(pipe, ["a square"] * 6, torch.device("cpu")), {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe.vae.to(dtype)
+        vae_draws = [torch.Generator().manual_seed(i) for i in range(12)]
+        latents = batches.encode_images(pipe.vae, images, torch.device("cpu"), vae_draws).to(torch.bfloat16).float()
+        policy.zero_grad()
+        out = dpo.dpo_micro_batch(policy, pipe.unet, dpo.forward_process(pipe.scheduler), latents, noise, t, cond, 32, dpo.BETA)
+        out.loss.backward()
+        results[dtype] = latents, out.loss.item(), torch.cat([p.grad.flatten() for p in policy.parameters()])
+    (lat32, loss32, grad32), (lat16, loss16, grad16) = results[torch.float32], results[torch.bfloat16]
+    relative = dict(latents=((lat16 - lat32).norm() / lat32.norm()).item(), loss=abs(loss16 - loss32) / loss32,
+                    grad=((grad16 - grad32).norm() / grad32.norm()).item())
+    print(arch, relative)
+    assert 0 < relative["latents"] < 0.02 and relative["loss"] < 0.03 and relative["grad"] < 0.05

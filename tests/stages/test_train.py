@@ -219,3 +219,57 @@ def test_keep_states_keeps_the_newest_and_resumes_from_the_last(tmp_path, capsys
     with pytest.raises(SystemExit):
         run_train("--run", tmp_path / "other", *argv[2:-1], 0)
     assert "--keep-states 0: keep at least 1" in capsys.readouterr().err
+
+
+def test_image_loader_workers_train_the_weights_and_log_of_the_training_thread(tmp_path):
+    """--num-workers 2 reads and transforms the images in two processes ahead of the steps; the pairs,
+    crops, flips, noise and so the weights and every logged value are those of --num-workers 0, which
+    reads them in the training thread, to the bit: three epochs with the latent cache, random crops."""
+    pairs = make_pairs(tmp_path / "data", n=8, size=40)
+    logs, weights = {}, {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}" / "ckpt"
+        run_train("--init", "tiny-sd15", "--pairs", pairs, "--out", out, "--max-steps", 6, "--batch-size", 4, "--micro-batch", 2,
+                  "--log-every", 1, "--random-crop", "--num-workers", workers)
+        rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        logs[workers] = [{k: v for k, v in r.items() if k not in ("pairs_per_s", "peak_ram_gib")} for r in rows]
+        weights[workers] = unet_state(out)
+        assert json.loads((out / "sail.json").read_text())["args"]["num_workers"] == workers
+    assert len(logs[0]) == 6 and logs[0] == logs[2]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[2][key]), key
+
+
+def test_a_bad_image_read_by_a_worker_stops_with_file_and_line(tmp_path, capsys):
+    pairs = make_pairs(tmp_path / "seed", n=4)
+    (tmp_path / "seed" / "images" / "human_2_l.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 1, "--num-workers", 1)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{pairs}:3: unreadable image" in err and "human_2_l.png" in err
+    assert "Traceback" not in err and "worker" not in err
+
+
+def test_out_of_memory_stops_naming_the_flag_to_change(tmp_path, capsys, monkeypatch):
+    make_pairs(tmp_path / "seed", n=4)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train.trainer.dpo, "dpo_micro_batch", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train("--run", tmp_path, "--iter", 0, "--preset", "tiny-sd15", "--max-steps", 1, "--micro-batch", 2)
+    assert exit_info.value.code == 2
+    assert ("out of GPU memory at step 0 (micro batch 2, gradient checkpointing off): add --gradient-checkpointing, "
+            "or lower --micro-batch (e.g. --micro-batch 1)") in capsys.readouterr().err
+    assert not (tmp_path / "iter_00" / "ckpt").exists()
+
+
+def test_seed_dpo_becomes_04_at_iteration_0_and_its_help_says_so():
+    done = subprocess.run([sys.executable, str(ROOT / "00_seed_dpo.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(load_stage("00_seed_dpo").__doc__)  # its own docstring first
+    assert "The flags are 04_train.py's:" in done.stdout and "--num-workers" in done.stdout  # then 04's flags
+    source = (ROOT / "00_seed_dpo.py").read_text()
+    assert "import_module" not in source and "04_train" not in "".join(
+        line for line in source.splitlines() if line.startswith(("import", "from")))

@@ -4,11 +4,12 @@ pools and validation prompts, reruns; and the seed DPO stage training on the res
 import csv
 import io
 import json
+import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_stage
+from conftest import ROOT
 from helpers import COLOURS, coloured_image
 from PIL import Image
 
@@ -251,8 +252,8 @@ def test_datasets_missing_message(tmp_path, monkeypatch):
 def test_imported_pairs_train_one_step(tmp_path):
     make_images(tmp_path / "pics", 16)
     out = run(tmp_path / "run", "--pairs-file", write_csv(tmp_path / "my.csv", pair_rows(4)), "--pool-sizes", 0)
-    seed_dpo = load_stage("00_seed_dpo")
-    seed_dpo.main(seed_dpo.build_parser().parse_args(
-        ["--run", str(out), "--preset", "tiny-sd15", "--max-steps", "1", "--batch-size", "2", "--save-every", "0"]))
+    done = subprocess.run([sys.executable, str(ROOT / "00_seed_dpo.py"), "--run", str(out), "--preset", "tiny-sd15",
+                           "--max-steps", "1", "--batch-size", "2", "--save-every", "0"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads((out / "iter_00" / "ckpt" / "sail.json").read_text())
     assert info["pair_counts"] == {"human": 8, "self": 0} and info["steps"] == 1
