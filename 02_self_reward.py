@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from sail import batches, common, dpo, files, models, self_reward, settings
+from sail import batches, common, files, models, self_reward, settings
 
 log = logging.getLogger("sail")
 
@@ -54,18 +54,7 @@ def build_parser():
     p.add_argument("--ckpt", help="the current model: checkpoint folder")
     p.add_argument("--ref", default="base", help="reference model: 'base' (the checkpoint's base model) or a model")
     p.add_argument("--dir", type=Path, help="iteration folder holding generations.jsonl")
-    p.add_argument("--beta", type=float, default=dpo.BETA)
-    p.add_argument("--draws", type=int, default=10, help="K random (t, noise) draws per image (paper: 10)")
-    p.add_argument("--no-common-draws", action="store_true", help="independent draws per image")
-    p.add_argument("--draw-scheme", choices=self_reward.DRAW_SCHEMES, default="iid",
-                   help="iid (the paper's), stratified timesteps, antithetic noise (eps, -eps) or both")
-    p.add_argument("--pairing", choices=["best-worst", "random"], default="best-worst")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop pairs with sigmoid(r_w - r_l) below this")
-    p.add_argument("--reward-batch", type=int, help="UNet inputs per forward pass")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    models.add_speed_flags(p)
-    return p
+    return settings.add_arguments(p, "self_reward")
 
 
 def resolve_paths(args):
@@ -123,7 +112,7 @@ def main(args):
         return
     desc = models.describe_model(args.ckpt)
     preset = settings.get_preset(desc.preset or "sd15")
-    settings.fill_defaults(args, preset, ("reward_batch", "mixed_precision"))
+    settings.settle(args, preset, "self_reward")
     ref_desc = dataclasses.replace(desc, unet=None, ckpt=None) if args.ref == "base" else models.describe_model(args.ref)
     gen_file = folder / "generations.jsonl"
     gens = files.read_jsonl(gen_file, required=("prompt_id", "prompt", "index", "image"),
@@ -135,14 +124,11 @@ def main(args):
     if small:
         raise common.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
     per_prompt = {pid: len(g) for pid, g in groups.items()}
-    if state.is_main_process:  # what decides a reward; not --reward-batch (float round-off at most)
+    if state.is_main_process:  # what decides a reward; a rerun with other settings stops rather than mix rewards
         files.check_settings(folder / "self_reward.settings.json", dict(
             model=models.model_setting(args.ckpt, folder), reference=models.model_setting(args.ref, folder),
-            draws=args.draws, common_draws=not args.no_common_draws, beta=args.beta, seed=args.seed,
-            mixed_precision=args.mixed_precision,
-            **({} if args.draw_scheme == "iid" else dict(draw_scheme=args.draw_scheme))),  # iid: folders made before the option continue
-            f"delete {folder}/rewards.partial.*.jsonl and "
-            f"{folder / 'self_reward.settings.json'} to score anew")
+            **settings.record(args, "self_reward")),
+            f"delete {folder}/rewards.partial.*.jsonl and {folder / 'self_reward.settings.json'} to score anew")
     if state.is_main_process:  # keep only whole prompts of a killed run, in one clean file
         finished = read_finished(folder, per_prompt)
         for part in folder.glob("rewards.partial.*.jsonl"):

@@ -46,15 +46,10 @@ from types import SimpleNamespace
 
 import torch
 
-from sail import batches, common, dpo, files, models, optim, training, validation
+from sail import batches, common, dpo, files, models, optim, settings, training, validation
 from sail.lora import LORA_TARGETS, add_lora, lora_config, save_lora
-from sail.settings import fill_defaults, get_preset
 
 log = logging.getLogger("sail")
-SETTING_NAMES = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
-                 "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed")
-PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "micro_batch", "epochs", "max_steps", "batch_size", "lr")
-
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,40 +59,8 @@ def build_parser():
     p.add_argument("--init", help="start and reference model: checkpoint folder, preset or pipeline")
     p.add_argument("--pairs", type=Path, help="pair file to train on")
     p.add_argument("--out", type=Path, help="checkpoint folder to write")
-    p.add_argument("--beta", type=float, default=dpo.BETA)
-    p.add_argument("--batch-size", type=int, help="effective batch in pairs (paper: 128)")
-    p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process")
-    p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
-    p.add_argument("--lr-per-pair", type=float, default=1e-8)
-    p.add_argument("--optimizer", choices=["adamw", "adafactor", "adamw8bit"],
-                   help="paper: adamw SD1.5, adafactor SDXL; adamw8bit: bitsandbytes' 8-bit AdamW")
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--epochs", type=float, help="passes over the pair file (ignored with --max-steps)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (default for presets with flip=False)")
-    p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: the accelerate config's, else the preset's")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (on by default for sdxl)")
-    p.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank instead of the whole UNet (0: whole UNet, the paper's setting)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha: the rank)")
-    p.add_argument("--no-cache-latents", action="store_true", help="VAE-encode every step instead of once")
-    p.add_argument("--latent-cache-gb", type=float, default=8.0,
-                   help="RAM for the latents of pairs seen again (epochs > 1); at one epoch nothing is cached")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (0: never)")
-    p.add_argument("--keep-states", type=int, default=1, help="resumable states kept (the newest N)")
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb", "all"], default="none", help="experiment tracker")
-    p.add_argument("--validation-prompts", default="4", help="N (the pair file's first N prompts) or a prompt file")
-    p.add_argument("--validation-every", type=int, default=0, help="steps between validation images (0: none)")
-    p.add_argument("--restart", action="store_true", help="discard a killed run's state instead of resuming")
     p.add_argument("--export-pipeline", type=Path, help="also write a full diffusers pipeline folder here")
-    models.add_speed_flags(p, training=True)
-    return p
+    return settings.add_arguments(p, "train")
 
 
 def resolve_paths(args):
@@ -113,18 +76,10 @@ def resolve_paths(args):
     return args
 
 
-def training_settings(args, total_steps, folder):
-    """What decides the trained weights, recorded with a killed run's state: a resume with other values
-    would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
-    and round-off only), so a run killed for memory can resume with a smaller micro batch."""
-    return dict({name: getattr(args, name) for name in SETTING_NAMES}, steps=total_steps,
-                init=models.model_setting(args.init, folder), pairs=files.relative_to(args.pairs, folder))
-
-
 def main(args):
     args = resolve_paths(args)
     if Path(args.out).exists():
-        training.check_finished_settings(args, [n for n in SETTING_NAMES if n != "no_flip"] + ["max_steps"])  # no_flip: preset's
+        training.check_finished_settings(args, settings.compared_when_finished("train"))
         print(f"{args.out} is finished already; skipping (delete it to train again)")
         return
     job = setup(args)
@@ -138,12 +93,8 @@ def main(args):
 def setup(args):
     """Settle the arguments, read the pairs, load the models, and start afresh or resume: the job."""
     init = models.describe_model(args.init)
-    preset = get_preset(args.preset or init.preset or "sd15")
-    args.mixed_precision = args.mixed_precision or training.mixed_precision_from_accelerate()
-    fill_defaults(args, preset, PRESET_KEYS)
-    args.gradient_checkpointing = args.gradient_checkpointing or preset.get("gradient_checkpointing", False)
-    args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
-    args.lr = args.lr or args.lr_per_pair * args.batch_size
+    preset = settings.get_preset(args.preset or init.preset or "sd15")
+    settings.settle(args, preset, "train")  # what the command line left unset: accelerate's, the preset's, derived
     if args.lora_rank < 0:
         raise common.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
     args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
@@ -226,7 +177,7 @@ def resume_or_start(job):
     if partial.exists() and args.restart and accelerator.is_main_process:
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    settings = training_settings(args, job.total_steps, job.out.parent)
+    settings = training.training_settings(args, job.total_steps, job.out.parent)
     if (partial / "progress.json").is_file():
         if not (partial / "settings.json").is_file():
             raise common.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")

@@ -158,17 +158,9 @@ def use_sampler(pipe, sampler):
     pipe.scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler].from_config(pipe.scheduler.config)
 
 
-def add_speed_flags(parser, training=False):
-    """The flags that only pay on a GPU; outputs equal the plain path's up to round-off. Fused q/k/v
-    projections replace the trained layers with new ones, so training offers the other two."""
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays on a GPU after a warm-up)")
-    if not training:
-        parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v attention projections (inference)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
-
-
 def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
-    """The UNet with the speed options asked for (tests/test_speed_options.py: same outputs up to round-off).
+    """The UNet with the speed options asked for (--compile, --fuse-qkv, --channels-last: they pay on a
+    GPU; tests/stages/test_speed_options.py: same outputs up to round-off).
     Compiled in place (nn.Module.compile): same class, same state-dict names, so saving and resuming
     do not change."""
     if fuse_qkv:

@@ -10,9 +10,8 @@ import math
 
 import torch
 
-from sail.dpo import BETA, forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
-
-DRAW_SCHEMES = ("iid", "stratified", "antithetic", "stratified-antithetic")
+from sail.dpo import forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
+from sail.settings import BETA, DRAW_SCHEMES
 
 
 def reward_draws(k, shape, n_timesteps, gen, scheme="iid"):
