@@ -1,5 +1,5 @@
 """sail/settings.py: one declaration per setting. A setting declared once shows in the stage's parser,
-its --help, the table of every stage's settings and, when it decides the outputs, in the record beside them; the
+its --help, `bash run_all.sh --help` and, when it decides the outputs, in the record beside them; the
 records equal the ones the stages wrote by hand before; a rerun with another value stops."""
 import copy
 import json
@@ -170,6 +170,17 @@ def test_a_setting_added_in_one_place_shows_in_the_parser_the_help_the_record_an
     assert "noise_offset" in settings.compared_when_finished("train")
     described = settings.describe()
     assert "--eta *" in described and "--noise-offset *" in described and "--warm-cache " in described
+
+
+def test_run_all_help_lists_every_setting_of_every_stage():
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert "N            01 --num-candidates" in done.stdout and "HUMAN_SHARE  03 --human-share" in done.stdout
+    for stage, script in settings.STAGES.items():
+        section = done.stdout.split(f"{script}:\n")[1]
+        for s in settings.stage_settings(stage):
+            assert f"  {s.flag}" in section.split(":\n")[0], (stage, s.flag)
 
 
 def test_every_setting_of_a_stage_is_in_its_parser_with_its_default():
