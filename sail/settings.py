@@ -72,7 +72,7 @@ class Setting:
     launcher, launcher_stages: in these stages `launcher()`, the value `accelerate launch` was
         given (its config file or flag), comes before the preset's.
     decides: the value decides the stage's outputs. It is recorded beside them; a rerun with another
-        value stops instead of mixing outputs.
+        value stops instead of mixing outputs (05 measures a reward accuracy anew).
     finished_only: decides the outputs through a value the stage records instead (04 records the
         number of steps that --max-steps gives), so it is compared only with a finished output's
         arguments.
@@ -177,15 +177,15 @@ SETTINGS = (
     S("benchmark", "eval", ["parti"], "parti, hps, hps-<style>, pickapic, drawbench, pickapic-test-dedup, run, "
       "FILE.jsonl", nargs="+"),
     S("scorer_path", "eval", [], "METRIC=hub id, folder or file (see sail/scorers.py: LOCATIONS)", append=True),
-    S("images_per_prompt", "eval", 1, "images per prompt and checkpoint"),
+    S("images_per_prompt", "eval", 1, "images per prompt and checkpoint", decides=True),
     S("score_batch", "eval", 32, "images per scorer call"),
     S("grid_rows", "eval", 8, "prompts in the image grid"),
     S("bootstrap", "eval", 1000, "bootstrap resamples for the 95% CIs"),
-    S("draws", "eval", [10, 20, 30], "K (t, noise) draws per image (Figure 5)", int, nargs="+"),
+    S("draws", "eval", [10, 20, 30], "K (t, noise) draws per image (Figure 5)", int, nargs="+", decides=True),
     S("common_draws", "eval", "both", "the two images of a pair share their K draws (common random numbers), or "
-      "not, or both", choices=("yes", "no", "both")),
+      "not, or both", choices=("yes", "no", "both"), decides=True),
     S("draw_schemes", "eval", ["iid"], "how the K draws are made (02_self_reward.py --draw-scheme); several are "
-      "compared", choices=DRAW_SCHEMES, nargs="+"),
+      "compared", choices=DRAW_SCHEMES, nargs="+", decides=True),
     S("device", "eval", None, "default: cuda if available", str),
     # every stage
     S("seed", "generate self_reward mixup train eval", 0, "the seed every random draw of the stage derives from "
@@ -297,5 +297,6 @@ def describe(stages=tuple(STAGES)):
         for s in stage_settings(stage):
             mark = " *" if s.decides else ""
             lines.append(f"  {s.flag + mark:<26} {default_text(s, stage)}")
-    lines.append("* decides the stage's outputs: recorded beside them; a rerun with another value stops.")
+    lines += ["* decides the stage's outputs: recorded beside them, so that a rerun with another value never",
+              "  mixes its outputs with theirs (it stops; 05 measures a reward accuracy anew)"]
     return "\n".join(lines)
