@@ -27,7 +27,6 @@ from pathlib import Path
 from sail import common, files, generation, models, settings
 
 log = logging.getLogger("sail")
-PRESET_KEYS = ("sampler", "steps", "cfg", "resolution", "mixed_precision", "gen_batch")
 
 
 def build_parser():
@@ -37,17 +36,7 @@ def build_parser():
     p.add_argument("--ckpt", help="model to sample from: checkpoint folder (or preset / pipeline)")
     p.add_argument("--pool", type=Path, help="prompt pool JSONL")
     p.add_argument("--out", type=Path, help="iteration folder to write images/ and generations.jsonl into")
-    p.add_argument("--num-candidates", type=int, default=8, help="images per prompt (paper: N = 8)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--gen-batch", type=int, help="images per pipeline call")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="only the first N prompts of the pool (quick runs)")
-    models.add_speed_flags(p)
-    return p
+    return settings.add_arguments(p, "generate")
 
 
 def resolve_paths(args):
@@ -71,8 +60,7 @@ def main(args):
         log.info("%s exists; skipping generation (delete it to generate again)", finished)
         return
     desc = models.describe_model(args.ckpt)
-    preset = settings.get_preset(desc.preset or "sd15")
-    settings.fill_defaults(args, preset, PRESET_KEYS)
+    settings.settle(args, settings.get_preset(desc.preset or "sd15"), "generate")
     if args.run is not None:
         files.check_pools_disjoint(args.run)
     prompts = files.read_prompts(args.pool)[: args.limit]
@@ -82,12 +70,10 @@ def main(args):
             jobs.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
                              seed=common.derive_seed(args.seed, row["prompt_id"], k),
                              image=f"images/{files.image_name(row['prompt_id'], k)}"))
-    if state.is_main_process:  # what decides an image; not --gen-batch (round-off of a grey level at most)
+    if state.is_main_process:  # what decides an image; a rerun with other settings stops rather than mix images
         files.check_settings(out / "generate.settings.json", dict(
-            model=models.model_setting(args.ckpt, out),
-            pool=files.relative_to(args.pool, out), sampler=args.sampler,
-            steps=args.steps, cfg=args.cfg, resolution=args.resolution, mixed_precision=args.mixed_precision,
-            seed=args.seed), f"delete {out / 'images'} and {out / 'generate.settings.json'} to generate anew")
+            model=models.model_setting(args.ckpt, out), pool=files.relative_to(args.pool, out),
+            **settings.record(args, "generate")), f"delete {out / 'images'} and {out / 'generate.settings.json'} to generate anew")
         files.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
     state.wait_for_everyone()
     (out / "images").mkdir(parents=True, exist_ok=True)

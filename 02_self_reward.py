@@ -14,7 +14,8 @@ paper's, is the default.
 Pairs: best vs worst of the N (the paper), or --pairing random (Table 5 ablation); a prompt
 whose chosen images tie gives no pair: rewards equal within float32 round-off (|r_w - r_l| <=
 beta x 1e-6, e.g. a model equal to its reference, where every reward is 0), or two byte-identical
-image files (which independent draws would otherwise rank by noise alone).
+image files (which independent draws would otherwise rank by noise alone). The rule is one
+function, sail/pairing.py: self_pair.
 
 Command (iteration i of a run):
     python 02_self_reward.py --run runs/toy --iter 1
@@ -32,17 +33,16 @@ Writes: <dir>/rewards.jsonl (one line per image: prompt_id, index, image, reward
         rewards.partial.*.jsonl; a killed run continues from there.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import logging
-import math
-import random
 import time
 from pathlib import Path
 
 import torch
 
-from sail import batches, common, dpo, files, models, self_reward, settings
+from sail import batches, common, files, models, pairing, self_reward, settings
 
 log = logging.getLogger("sail")
 
@@ -54,18 +54,7 @@ def build_parser():
     p.add_argument("--ckpt", help="the current model: checkpoint folder")
     p.add_argument("--ref", default="base", help="reference model: 'base' (the checkpoint's base model) or a model")
     p.add_argument("--dir", type=Path, help="iteration folder holding generations.jsonl")
-    p.add_argument("--beta", type=float, default=dpo.BETA)
-    p.add_argument("--draws", type=int, default=10, help="K random (t, noise) draws per image (paper: 10)")
-    p.add_argument("--no-common-draws", action="store_true", help="independent draws per image")
-    p.add_argument("--draw-scheme", choices=self_reward.DRAW_SCHEMES, default="iid",
-                   help="iid (the paper's), stratified timesteps, antithetic noise (eps, -eps) or both")
-    p.add_argument("--pairing", choices=["best-worst", "random"], default="best-worst")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop pairs with sigmoid(r_w - r_l) below this")
-    p.add_argument("--reward-batch", type=int, help="UNet inputs per forward pass")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    models.add_speed_flags(p)
-    return p
+    return settings.add_arguments(p, "self_reward")
 
 
 def resolve_paths(args):
@@ -77,8 +66,21 @@ def resolve_paths(args):
     return args
 
 
+def read_candidates(gen_file):
+    """generations.jsonl -> its rows and {prompt_id: the prompt's rows}; every prompt needs two images."""
+    gens = files.read_jsonl(gen_file, required=("prompt_id", "prompt", "index", "image"),
+                            types={"prompt_id": str, "prompt": str, "index": int, "image": str})
+    groups = {}
+    for row in gens:
+        groups.setdefault(row["prompt_id"], []).append(row)
+    small = [pid for pid, g in groups.items() if len(g) < 2]
+    if small:
+        raise common.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
+    return gens, groups
+
+
 def read_finished(folder, per_prompt):
-    """Rows of prompts whose every candidate was scored by an earlier, killed run."""
+    """Rows of prompts whose every candidate was scored by a killed run: {prompt_id: {index: row}}."""
     rows = []
     for part in sorted(folder.glob("rewards.partial.*.jsonl")):
         rows += files.read_jsonl(part, allow_truncated_tail=True)
@@ -88,28 +90,77 @@ def read_finished(folder, per_prompt):
     return {pid: r for pid, r in by_prompt.items() if len(r) == per_prompt.get(pid, -1)}
 
 
-def choose_pair(pid, group, pairing, seed, tolerance=0.0, same_image=lambda a, b: False):
-    """(winner, loser) rows of one prompt, or None when they tie: rewards within `tolerance`, or
-    `same_image(winner, loser)`."""
-    if pairing == "best-worst":
-        ranked = sorted(group, key=lambda r: (r["reward"], -r["index"]))
-        low, high = ranked[0], ranked[-1]
-    else:
-        a, b = random.Random(common.derive_seed(seed, "pair", pid)).sample(group, 2)
-        low, high = sorted((a, b), key=lambda r: r["reward"])
-    if high["reward"] - low["reward"] <= tolerance or same_image(high, low):
-        return None
-    return high, low
+def keep_whole_prompts(folder, per_prompt):
+    """A killed run's partial files -> one file with only its whole prompts (main process)."""
+    finished = read_finished(folder, per_prompt)
+    for part in folder.glob("rewards.partial.*.jsonl"):
+        part.unlink()
+    if finished:
+        kept = [row for rows in finished.values() for row in rows.values()]
+        files.write_jsonl_atomic(folder / "rewards.partial.0.jsonl", kept)
 
 
-def tie_tolerance(beta):
-    """Rewards closer than this are equal up to round-off: the errors are float32 means of squares
-    (about 1, summed to ~1e-6 relative precision), and the reward scales them by beta / 2."""
-    return beta * 1e-6
+def score_prompts(args, state, desc, ref_desc, resolution, folder, groups, todo):
+    """Self-reward every candidate of the prompts `todo`, one prompt at a time, appending each finished
+    prompt to this process's rewards.partial.<rank>.jsonl."""
+    device, gen_file = state.device, folder / "generations.jsonl"
+    dtype = models.inference_dtype(device, args.mixed_precision)
+    pipe = models.load_pipeline(desc, device, dtype, encoding=True)
+    speed = dict(compile=args.compile, fuse_qkv=args.fuse_qkv, channels_last=args.channels_last)
+    unet = models.speed_up(pipe.unet.eval(), **speed)
+    ref_unet = models.speed_up(models.load_unet(ref_desc, dtype).to(device).eval(), **speed)
+    start = time.time()
+    with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:
+        for pid in common.progress(todo, desc="self-reward"):
+            group = groups[pid]
+            images = [files.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
+            latents = batches.encode_images(pipe.vae, images, device).to(dtype)
+            cond = batches.encode_prompts(pipe, [group[0]["prompt"]], device)
+            reward, se = self_reward.self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws,
+                                                  args.beta, seed=common.derive_seed(args.seed, "draws", pid),
+                                                  common_draws=not args.no_common_draws, batch_size=args.reward_batch,
+                                                  scheme=args.draw_scheme)
+            if not torch.isfinite(reward).all():
+                raise common.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
+                                       f"check the checkpoint {args.ckpt} (NaN weights?) or use --mixed-precision no")
+            lines = [dict(prompt_id=pid, prompt=r["prompt"], index=r["index"], image=r["image"],
+                          reward=reward[i].item(), reward_se=se[i].item(), draws=args.draws)
+                     for i, r in enumerate(group)]
+            partial.write("".join(json.dumps(x) + "\n" for x in lines))
+            partial.flush()
+    n_images = sum(len(groups[p]) for p in todo)
+    timing = files.save_timing(folder, f"self_reward.{state.process_index}", n_images, "images", time.time() - start)
+    log.info("scored %d images in %.1f s (%.2f rewards/s, %d UNet passes each)", n_images, timing["seconds"],
+             timing["rate"], 2 * args.draws)
 
 
-def same_file_bytes(folder):
-    return lambda a, b: (folder / a["image"]).read_bytes() == (folder / b["image"]).read_bytes()
+def write_pairs(args, folder, gens, groups):
+    """Every prompt scored: rewards.jsonl, and pairs.jsonl from the pairing rule (sail/pairing.py)."""
+    scored = read_finished(folder, {pid: len(g) for pid, g in groups.items()})
+    missing = [pid for pid in groups if pid not in scored]
+    if missing:
+        raise common.SailError(f"{len(missing)} prompts were not scored, e.g. '{missing[0]}'")
+    rewards = [scored[r["prompt_id"]][r["index"]] for r in gens]
+    pairs, skipped = [], collections.Counter()
+    for pid, group in groups.items():
+        pair, why = pairing.self_pair(pid, [scored[pid][r["index"]] for r in group], args.pairing, args.seed, args.beta,
+                                      args.min_p, pairing.same_file_bytes(folder))
+        if pair is None:
+            skipped[why] += 1
+        else:
+            pairs.append(pair)
+    if not pairs:
+        raise common.SailError(f"no pair could be formed from {folder / 'generations.jsonl'}: all "
+                               f"{skipped[pairing.TIE]} prompts tie (a model equal to its reference gives reward 0 "
+                               f"to every image; train iteration 0 first) or fail --min-p")
+    files.write_jsonl_atomic(folder / "rewards.jsonl", rewards)
+    files.write_jsonl_atomic(folder / "pairs.jsonl", pairs)
+    for part in folder.glob("rewards.partial.*.jsonl"):
+        part.unlink()
+    mean_se = sum(r["reward_se"] for r in rewards) / len(rewards)
+    mean_p = sum(p["p"] for p in pairs) / len(pairs)
+    log.info("wrote %d pairs (%s; %d ties, %d below --min-p) | mean reward s.e. %.3f | mean p(w > l) %.3f",
+             len(pairs), args.pairing, skipped[pairing.TIE], skipped[pairing.BELOW_MIN_P], mean_se, mean_p)
 
 
 def main(args):
@@ -123,32 +174,16 @@ def main(args):
         return
     desc = models.describe_model(args.ckpt)
     preset = settings.get_preset(desc.preset or "sd15")
-    settings.fill_defaults(args, preset, ("reward_batch", "mixed_precision"))
+    settings.settle(args, preset, "self_reward")
     ref_desc = dataclasses.replace(desc, unet=None, ckpt=None) if args.ref == "base" else models.describe_model(args.ref)
-    gen_file = folder / "generations.jsonl"
-    gens = files.read_jsonl(gen_file, required=("prompt_id", "prompt", "index", "image"),
-                         types={"prompt_id": str, "prompt": str, "index": int, "image": str})
-    groups = {}
-    for row in gens:
-        groups.setdefault(row["prompt_id"], []).append(row)
-    small = [pid for pid, g in groups.items() if len(g) < 2]
-    if small:
-        raise common.SailError(f"{gen_file}: prompt '{small[0]}' has fewer than 2 images; nothing to compare")
+    gens, groups = read_candidates(folder / "generations.jsonl")
     per_prompt = {pid: len(g) for pid, g in groups.items()}
-    if state.is_main_process:  # what decides a reward; not --reward-batch (float round-off at most)
+    if state.is_main_process:  # what decides a reward; a rerun with other settings stops rather than mix rewards
         files.check_settings(folder / "self_reward.settings.json", dict(
             model=models.model_setting(args.ckpt, folder), reference=models.model_setting(args.ref, folder),
-            draws=args.draws, common_draws=not args.no_common_draws, beta=args.beta, seed=args.seed,
-            mixed_precision=args.mixed_precision,
-            **({} if args.draw_scheme == "iid" else dict(draw_scheme=args.draw_scheme))),  # iid: folders made before the option continue
-            f"delete {folder}/rewards.partial.*.jsonl and "
-            f"{folder / 'self_reward.settings.json'} to score anew")
-    if state.is_main_process:  # keep only whole prompts of a killed run, in one clean file
-        finished = read_finished(folder, per_prompt)
-        for part in folder.glob("rewards.partial.*.jsonl"):
-            part.unlink()
-        if finished:
-            files.write_jsonl_atomic(folder / "rewards.partial.0.jsonl", [row for rows in finished.values() for row in rows.values()])
+            **settings.record(args, "self_reward")),
+            f"delete {folder}/rewards.partial.*.jsonl and {folder / 'self_reward.settings.json'} to score anew")
+        keep_whole_prompts(folder, per_prompt)
     state.wait_for_everyone()
     finished = read_finished(folder, per_prompt)
     todo = [pid for pid in groups if pid not in finished][state.process_index::state.num_processes]
@@ -157,72 +192,11 @@ def main(args):
     log.info("self-reward of %d images (%d prompts, %d scored already) | model %s vs reference %s | K=%d %s %s draws, beta %g",
              len(gens), len(groups), len(finished), args.ckpt, ref_desc.unet or ref_desc.base_model, args.draws,
              "independent" if args.no_common_draws else "common", args.draw_scheme, args.beta)
-
     if todo:
-        device = state.device
-        dtype = models.inference_dtype(device, args.mixed_precision)
-        pipe = models.load_pipeline(desc, device, dtype, encoding=True)
-        speed = dict(compile=args.compile, fuse_qkv=args.fuse_qkv, channels_last=args.channels_last)
-        unet = models.speed_up(pipe.unet.eval(), **speed)
-        ref_unet = models.speed_up(models.load_unet(ref_desc, dtype).to(device).eval(), **speed)
-        resolution = preset["resolution"]
-        start = time.time()
-        with open(folder / f"rewards.partial.{state.process_index}.jsonl", "a") as partial:
-            for pid in common.progress(todo, desc="self-reward"):
-                group = groups[pid]
-                images = [files.load_image(folder / r["image"], where=f"{gen_file}:{r['_line']}") for r in group]
-                latents = batches.encode_images(pipe.vae, images, device).to(dtype)
-                cond = batches.encode_prompts(pipe, [group[0]["prompt"]], device)
-                reward, se = self_reward.self_rewards(unet, ref_unet, pipe.scheduler, latents, cond, resolution, args.draws, args.beta,
-                                                    seed=common.derive_seed(args.seed, "draws", pid),
-                                                    common_draws=not args.no_common_draws, batch_size=args.reward_batch,
-                                                    scheme=args.draw_scheme)
-                if not torch.isfinite(reward).all():
-                    raise common.SailError(f"non-finite self-reward for prompt '{pid}' ({gen_file}:{group[0]['_line']}); "
-                                       f"check the checkpoint {args.ckpt} (NaN weights?) or use --mixed-precision no")
-                lines = [dict(prompt_id=pid, prompt=r["prompt"], index=r["index"], image=r["image"],
-                              reward=reward[i].item(), reward_se=se[i].item(), draws=args.draws)
-                         for i, r in enumerate(group)]
-                partial.write("".join(json.dumps(x) + "\n" for x in lines))
-                partial.flush()
-        n_images = sum(len(groups[p]) for p in todo)
-        timing = files.save_timing(folder, f"self_reward.{state.process_index}", n_images, "images", time.time() - start)
-        log.info("scored %d images in %.1f s (%.2f rewards/s, %d UNet passes each)", n_images, timing["seconds"],
-                 timing["rate"], 2 * args.draws)
-
+        score_prompts(args, state, desc, ref_desc, preset["resolution"], folder, groups, todo)
     state.wait_for_everyone()
-    if not state.is_main_process:
-        return
-    scored = read_finished(folder, per_prompt)
-    missing = [pid for pid in groups if pid not in scored]
-    if missing:
-        raise common.SailError(f"{len(missing)} prompts were not scored, e.g. '{missing[0]}'")
-    rewards = [scored[r["prompt_id"]][r["index"]] for r in gens]
-    pairs, ties, filtered = [], 0, 0
-    for pid, group in groups.items():
-        chosen = choose_pair(pid, [scored[pid][r["index"]] for r in group], args.pairing, args.seed,
-                             tie_tolerance(args.beta), same_file_bytes(folder))
-        if chosen is None:
-            ties += 1
-            continue
-        win, lose = chosen
-        p = 1.0 / (1.0 + math.exp(-(win["reward"] - lose["reward"])))
-        if p < args.min_p:
-            filtered += 1
-            continue
-        pairs.append(dict(prompt=win["prompt"], prompt_id=pid, image_w=win["image"], image_l=lose["image"], source="self",
-                          p=round(p, 6), reward_w=win["reward"], reward_l=lose["reward"]))
-    if not pairs:
-        raise common.SailError(f"no pair could be formed from {gen_file}: all {ties} prompts tie (a model equal to its "
-                           f"reference gives reward 0 to every image; train iteration 0 first) or fail --min-p")
-    files.write_jsonl_atomic(folder / "rewards.jsonl", rewards)
-    files.write_jsonl_atomic(folder / "pairs.jsonl", pairs)
-    for part in folder.glob("rewards.partial.*.jsonl"):
-        part.unlink()
-    mean_se = sum(r["reward_se"] for r in rewards) / len(rewards)
-    mean_p = sum(p["p"] for p in pairs) / len(pairs)
-    log.info("wrote %d pairs (%s; %d ties, %d below --min-p) | mean reward s.e. %.3f | mean p(w > l) %.3f",
-             len(pairs), args.pairing, ties, filtered, mean_se, mean_p)
+    if state.is_main_process:
+        write_pairs(args, folder, gens, groups)
 
 
 def locked_main(args):

@@ -29,7 +29,7 @@ import logging
 import random
 from pathlib import Path
 
-from sail import common, files
+from sail import common, files, settings
 
 log = logging.getLogger("sail")
 
@@ -41,10 +41,7 @@ def build_parser():
     p.add_argument("--self-pairs", type=Path)
     p.add_argument("--human-pairs", type=Path)
     p.add_argument("--out", type=Path)
-    p.add_argument("--human-share", type=float, default=0.25, help="fraction of human pairs in the mix (0 = no mixup)")
-    p.add_argument("--max-self", type=int, help="keep only the N most confident self pairs")
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    return settings.add_arguments(p, "mixup")
 
 
 def resolve_paths(args):

@@ -44,7 +44,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sail import common, dpo, files, models, trainer, training, validation
+from sail import common, dpo, files, models, settings, trainer, training, validation
 from sail.lora import LORA_TARGETS, add_lora, lora_config, save_lora
 
 log = logging.getLogger("sail")
@@ -58,50 +58,8 @@ def build_parser():
     p.add_argument("--init", help="start and reference model: checkpoint folder, preset or pipeline")
     p.add_argument("--pairs", type=Path, help="pair file to train on")
     p.add_argument("--out", type=Path, help="checkpoint folder to write")
-    p.add_argument("--beta", type=float, default=dpo.BETA)
-    p.add_argument("--batch-size", type=int, help="effective batch in pairs (paper: 128)")
-    p.add_argument("--micro-batch", type=int, help="pairs per forward pass and process (default: from the GPU's memory, "
-                                                   "sail/memory.py; on the CPU the preset's)")
-    p.add_argument("--lr", type=float, help="learning rate (default: --lr-per-pair x --batch-size)")
-    p.add_argument("--lr-per-pair", type=float, default=1e-8)
-    p.add_argument("--optimizer", choices=["adamw", "adafactor", "adamw8bit", "adafactor-torch"],
-                   help="paper: adamw SD1.5, adafactor SDXL; adamw8bit: bitsandbytes' 8-bit AdamW; adafactor-torch: "
-                        "torch's foreach Adafactor, whose steps scale with each weight's size (docs/training.md)")
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--epochs", type=float, help="passes over the pair file (ignored with --max-steps)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--random-crop", action="store_true", help="random instead of centre crop")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip (default for presets with flip=False)")
-    p.add_argument("--empty-prompt-prob", type=float, default=0.2, help="share of empty captions (keeps CFG)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: the accelerate config's, else the preset's")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="trade compute for memory (default: where the GPU's memory needs it, sail/memory.py; on the CPU "
-                        "on for sdxl)")
-    p.add_argument("--lora-rank", type=int, default=0, help="train a LoRA of this rank instead of the whole UNet (0: whole UNet, the paper's setting)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha: the rank)")
-    p.add_argument("--no-cache-latents", action="store_true", help="VAE-encode every step instead of once")
-    p.add_argument("--latent-cache-gb", type=float, default=8.0,
-                   help="RAM for the latents of pairs seen again (epochs > 1); at one epoch nothing is cached")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable states (0: never)")
-    p.add_argument("--keep-states", type=int, default=1, help="resumable states kept (the newest N)")
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb", "all"], default="none", help="experiment tracker")
-    p.add_argument("--validation-prompts", default="4", help="N (the pair file's first N prompts) or a prompt file")
-    p.add_argument("--validation-every", type=int, default=0, help="steps between validation images (0: none)")
-    p.add_argument("--restart", action="store_true", help="discard a killed run's state instead of resuming")
     p.add_argument("--export-pipeline", type=Path, help="also write a full diffusers pipeline folder here")
-    models.add_speed_flags(p, training=True)
-    p.add_argument("--num-workers", type=int,
-                   help="processes that read and transform the images ahead of the step (default: up to 4 on a GPU, "
-                        "0 on the CPU; 0: the training thread reads them)")
-    p.add_argument("--vae-fp32", action=argparse.BooleanOptionalAction,
-                   help="encode the training images with the VAE in float32 (default: only SDXL under fp16, whose VAE "
-                        "overflows in half precision; under bf16 it encodes in bf16)")
-    return p
+    return settings.add_arguments(p, "train")
 
 
 def resolve_paths(args):
@@ -120,8 +78,7 @@ def resolve_paths(args):
 def main(args):
     args = resolve_paths(args)
     if Path(args.out).exists():
-        names = [n for n in trainer.SETTING_NAMES if n != "no_flip"] + ["max_steps"]  # no_flip: the preset's
-        training.check_finished_settings(args, names)
+        training.check_finished_settings(args, settings.compared_when_finished("train"))
         print(f"{args.out} is finished already; skipping (delete it to train again)")
         return
     job = trainer.start(args)

@@ -36,7 +36,6 @@ from PIL import Image
 from sail import files, reports
 from sail.batches import encode_images, encode_prompts
 from sail.common import SailError, derive_seed, progress, run_stage, setup_logging
-from sail.dpo import BETA
 from sail.files import (
     folder_lock,
     image_is_complete,
@@ -56,8 +55,8 @@ from sail.files import (
 from sail.generation import draw_batches, missing_batches
 from sail.metrics import METRICS, LazyScorer, check_metric, load_scorer
 from sail.models import describe_model, inference_dtype, load_pipeline, load_unet, pick_device, read_checkpoint_info
-from sail.self_reward import DRAW_SCHEMES, self_rewards
-from sail.settings import PRESETS
+from sail.self_reward import self_rewards
+from sail.settings import PRESETS, add_arguments, settle
 
 log = logging.getLogger("sail")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
@@ -273,9 +272,8 @@ def reward_accuracy(args, ckpts, out, device):
 def evaluate(args, ckpts, out, device):
     """Benchmark mode: images, then scores (one metric model at a time), then eval.json and reports."""
     first = next(iter(ckpts.values()))
-    preset = preset_of(first)
-    settings = dict(sampler=args.sampler or preset["sampler"], steps=args.steps or preset["steps"],
-                    cfg=preset["cfg"] if args.cfg is None else args.cfg, resolution=args.resolution or preset["resolution"],
+    chosen = settle(argparse.Namespace(**vars(args)), preset_of(first), "eval")  # the first checkpoint's preset
+    settings = dict(sampler=chosen.sampler, steps=chosen.steps, cfg=chosen.cfg, resolution=chosen.resolution,
                     seed=args.seed, images_per_prompt=args.images_per_prompt)
     metrics = args.metrics or PRESET_METRICS.get(first.preset, PAPER_METRICS)
     for metric in metrics:
@@ -288,7 +286,7 @@ def evaluate(args, ckpts, out, device):
     for name, desc in ckpts.items():
         pipe_cache = {}
         for bench, rows in benches:
-            generate(desc, out / name / bench, rows, settings, args.gen_batch or preset["gen_batch"], device, pipe_cache)
+            generate(desc, out / name / bench, rows, settings, chosen.gen_batch, device, pipe_cache)
         del pipe_cache
         free_memory()
     for metric in metrics:
@@ -336,30 +334,9 @@ def build_parser():
     p.add_argument("--ckpt", action="append", help="checkpoint folder, preset name or pipeline folder (repeatable)")
     p.add_argument("--run", help="run folder: evaluates its base model and every iter_*/ckpt unless --ckpt is given")
     p.add_argument("--out", help="output folder (default <run>/eval)")
-    p.add_argument("--benchmark", nargs="+", default=["parti"], help="parti, hps, hps-<style>, pickapic, drawbench, "
-                   "pickapic-test-dedup, run, FILE.jsonl")
-    p.add_argument("--limit", type=int, help="only the first N prompts of each benchmark (a quick subset)")
-    p.add_argument("--metrics", nargs="+", help=f"from {', '.join(METRICS)} (default: by preset)")
-    p.add_argument("--scorer-path", action="append", default=[], help="METRIC=hub id, folder or file (see scorers.LOCATIONS)")
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed; per image derive_seed(seed, prompt_id, index)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the preset's")
-    p.add_argument("--steps", type=int, help="default: the preset's (50 SD1.5, 20 SDXL)")
-    p.add_argument("--cfg", type=float, help="default: the preset's (7.5 SD1.5, 5 SDXL)")
-    p.add_argument("--resolution", type=int, help="default: the preset's")
-    p.add_argument("--gen-batch", type=int, help="images per generation batch (default: the preset's)")
-    p.add_argument("--score-batch", type=int, default=32)
-    p.add_argument("--grid-rows", type=int, default=8)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--reward-accuracy", metavar="PAIRS.jsonl", help="measure the self-reward's accuracy on these human pairs")
-    p.add_argument("--draws", type=int, nargs="+", default=[10, 20, 30], help="K (t, noise) draws per image (Figure 5)")
-    p.add_argument("--common-draws", choices=["yes", "no", "both"], default="both",
-                   help="the two images of a pair share their K draws (common random numbers), or not, or both")
-    p.add_argument("--draw-schemes", nargs="+", choices=DRAW_SCHEMES, default=["iid"],
-                   help="how the K draws are made (02_self_reward.py --draw-scheme); several are compared")
-    p.add_argument("--beta", type=float, default=BETA)
-    p.add_argument("--device", help="default: cuda if available")
-    return p
+    p.add_argument("--metrics", nargs="+", help=f"from {', '.join(METRICS)} (default: by preset)")
+    return add_arguments(p, "eval")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-BETA = 5000.0  # the paper's and DiffusionDPO's beta (see above)
+from sail.settings import BETA  # the paper's and DiffusionDPO's beta (see above)
 
 
 def unet_call(unet, latents, timesteps, cond, resolution):

@@ -1,10 +1,13 @@
 """Models of the kit: what a --model value names (`describe_model`: a preset, a checkpoint folder or a
-pipeline), loading the pipeline and UNet (and the precision the VAE encodes in), device and precision, the
-speed options, and checkpoints: saving them with where they came from, exporting a full pipeline.
+pipeline; a hub model not on this machine stops with how to get it), loading the pipeline and UNet
+(and the precision the VAE encodes in), device and precision, the speed options, and checkpoints:
+saving them with where they came from, exporting a full pipeline.
 """
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +48,10 @@ def inference_dtype(device, mixed_precision):
 
 def encoding_vae_dtype(arch, dtype, fp32=None):
     """The precision the VAE encodes training images in, beside frozen models of precision `dtype`:
-    float32 with fp32=True or where they run in float32; SDXL's VAE overflows in fp16 (its config sets
-    force_upcast), so float32 there unless fp32=False; bf16 has float32's exponent range, so bf16 stays."""
-    if fp32 or dtype == torch.float32 or (fp32 is None and arch == "sdxl" and dtype == torch.float16):
+    float32 with fp32=True or where they run in float32; the frozen models' precision with fp32=False.
+    Not given: float32 for SDXL, whose VAE overflows in fp16 (its config sets force_upcast), the frozen
+    models' precision for SD1.5. bf16 has float32's exponent range, so --no-vae-fp32 is safe there."""
+    if fp32 or dtype == torch.float32 or (fp32 is None and arch == "sdxl"):
         return torch.float32
     return dtype
 
@@ -77,7 +81,46 @@ def resolve_model_path(model):
         if not (path / "model_index.json").is_file():
             raise SailError(f"model path {path} is not a diffusers pipeline folder (no model_index.json)")
         return str(path)
-    return model  # a hub id; from_pretrained downloads or uses its cache
+    return hub_model(model)
+
+
+def hub_model(model):
+    """A hub id that from_pretrained can load: in the local Hugging Face cache, or fetched on first
+    load. One that is neither stops here with one message saying how to get it, instead of a
+    loader's error after its retries."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return model
+    if constants.HF_HUB_OFFLINE:
+        named = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v)), "offline mode")
+        raise SailError(missing_model(model, f"{named} is set"))
+    try:
+        model_info(model, timeout=10)  # one request: an unreachable hub answers at once, without the loader's retries
+    except HfHubHTTPError as err:  # the hub answered: no such model, or one that needs a login
+        raise SailError(f"{model} is not in the local Hugging Face cache and the hub refuses it ({err}): check the "
+                        f"name, or log in with `hf auth login`") from None
+    except Exception:  # no network, no name resolution, a proxy: the hub cannot be reached
+        raise SailError(missing_model(model, "the hub cannot be reached: offline or no network")) from None
+    return model
+
+
+def missing_model(model, reason):
+    """The one line that says a hub model is not on this machine and how to get it."""
+    from huggingface_hub import constants
+    variable = next((v for name, v in (("sd15", "SAIL_SD15_PATH"), ("sdxl", "SAIL_SDXL_PATH"))
+                     if PRESETS[name]["model"] == model), None)
+    local = f"point ${variable} at a local copy of it" if variable else "give the folder of a local copy instead"
+    return (f"{model} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be fetched "
+            f"({reason}): download it where there is a network with `hf download {model}` (into that cache), or {local}")
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers passes huggingface_hub an argument it deprecated; its warning says nothing to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
 
 
 def read_checkpoint_info(ckpt):
@@ -133,10 +176,13 @@ def _is_sdxl(model_path):
 def load_unet(desc, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
     try:
-        if desc.unet:
-            return UNet2DConditionModel.from_pretrained(desc.unet, torch_dtype=dtype)
-        return UNet2DConditionModel.from_pretrained(desc.base_path, subfolder="unet", torch_dtype=dtype)
+        with quiet_loading():
+            if desc.unet:
+                return UNet2DConditionModel.from_pretrained(desc.unet, torch_dtype=dtype)
+            return UNet2DConditionModel.from_pretrained(desc.base_path, subfolder="unet", torch_dtype=dtype)
     except (OSError, ValueError) as err:
+        if not desc.unet and not Path(desc.base_path).exists():
+            hub_model(desc.base_path)  # a hub id not on this machine: that message
         raise SailError(f"cannot load the UNet of {desc.unet or desc.base_path}: {err}") from None
 
 
@@ -150,9 +196,13 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False, vae_dtype=N
     diffusers_logging.disable_progress_bar()
     cls = StableDiffusionXLPipeline if desc.arch == "sdxl" else StableDiffusionPipeline
     extra = {} if desc.arch == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+    unet = load_unet(desc, dtype)
     try:
-        pipe = cls.from_pretrained(desc.base_path, unet=load_unet(desc, dtype), torch_dtype=dtype, **extra)
+        with quiet_loading():
+            pipe = cls.from_pretrained(desc.base_path, unet=unet, torch_dtype=dtype, **extra)
     except (OSError, ValueError) as err:
+        if not Path(desc.base_path).exists():
+            hub_model(desc.base_path)
         raise SailError(f"cannot load model {desc.base_path}: {err}") from None
     if vae_dtype is not None:
         pipe.vae.to(vae_dtype)
@@ -170,17 +220,9 @@ def use_sampler(pipe, sampler):
     pipe.scheduler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[sampler].from_config(pipe.scheduler.config)
 
 
-def add_speed_flags(parser, training=False):
-    """The flags that only pay on a GPU; outputs equal the plain path's up to round-off. Fused q/k/v
-    projections replace the trained layers with new ones, so training offers the other two."""
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays on a GPU after a warm-up)")
-    if not training:
-        parser.add_argument("--fuse-qkv", action="store_true", help="fused q/k/v attention projections (inference)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
-
-
 def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
-    """The UNet with the speed options asked for (tests/test_speed_options.py: same outputs up to round-off).
+    """The UNet with the speed options asked for (--compile, --fuse-qkv, --channels-last: they pay on a
+    GPU; tests/stages/test_speed_options.py: same outputs up to round-off).
     Compiled in place (nn.Module.compile): same class, same state-dict names, so saving and resuming
     do not change."""
     if fuse_qkv:

@@ -10,9 +10,8 @@ import math
 
 import torch
 
-from sail.dpo import BETA, forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
-
-DRAW_SCHEMES = ("iid", "stratified", "antithetic", "stratified-antithetic")
+from sail.dpo import forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
+from sail.settings import BETA, DRAW_SCHEMES
 
 
 def reward_draws(k, shape, n_timesteps, gen, scheme="iid"):
@@ -50,7 +49,7 @@ def self_rewards(unet, ref_unet, scheduler, latents, cond, resolution, draws=10,
     if common_draws:
         t, noise = reward_draws(k, shape, n_timesteps, gen, scheme)
         t, noise = t.repeat(n_images), noise.repeat(n_images, 1, 1, 1)
-    elif scheme == "iid":  # all t first, then all noise: the draws the kit has always made
+    elif scheme == "iid":  # one stream for all N x K draws: every timestep, then every noise
         t = torch.randint(0, n_timesteps, (n_images * k,), generator=gen)
         noise = torch.randn((n_images * k, *shape), generator=gen)
     else:

@@ -14,15 +14,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sail import batches, common, dpo, files, memory, models, optim, training, validation
+from sail import batches, common, dpo, files, memory, models, optim, settings, training, validation
 from sail.lora import LORA_TARGETS, add_lora, lora_config
-from sail.settings import fill_defaults, get_preset
 
 log = logging.getLogger("sail")
-SETTING_NAMES = ("beta", "batch_size", "lr", "optimizer", "weight_decay", "warmup_steps", "max_grad_norm", "resolution",
-                 "random_crop", "no_flip", "empty_prompt_prob", "mixed_precision", "lora_rank", "lora_alpha", "seed",
-                 "vae_fp32")
-PRESET_KEYS = ("resolution", "optimizer", "mixed_precision", "epochs", "max_steps", "batch_size", "lr")
 METRICS = ("loss", "implicit_acc", "reward_margin")  # the fields of dpo.DPOOutput a step reports
 
 
@@ -63,23 +58,11 @@ class Job:
     validation: dict = None         # validation prompts, seeds and sampler (sail/validation.py), or None
 
 
-def training_settings(args, total_steps, folder):
-    """What decides the trained weights, recorded with a killed run's state: a resume with other values
-    would mix two trainings. Not --micro-batch, --gradient-checkpointing or the latent cache (memory
-    and round-off only), so a run killed for memory can resume with a smaller micro batch."""
-    return dict({name: getattr(args, name) for name in SETTING_NAMES}, steps=total_steps,
-                init=models.model_setting(args.init, folder), pairs=files.relative_to(args.pairs, folder))
-
-
 def start(args):
     """Settle the arguments, read the pairs, load the models, and start afresh or resume: the job."""
-    # settle the arguments: the preset's defaults, the accelerate config's precision, the learning-rate rule
     init = models.describe_model(args.init)
-    preset = get_preset(args.preset or init.preset or "sd15")
-    args.mixed_precision = args.mixed_precision or training.mixed_precision_from_accelerate()
-    fill_defaults(args, preset, PRESET_KEYS)
-    args.no_flip = args.no_flip or not preset.get("flip", True)  # the toy world's captions say left and right
-    args.lr = args.lr or args.lr_per_pair * args.batch_size
+    preset = settings.get_preset(args.preset or init.preset or "sd15")
+    settings.settle(args, preset, "train")  # what the command line left unset: accelerate's, the preset's, derived
     if args.lora_rank < 0:
         raise common.SailError(f"--lora-rank {args.lora_rank}: expected 0 (whole UNet) or a positive rank")
     args.lora_alpha = (args.lora_alpha or float(args.lora_rank)) if args.lora_rank else None
@@ -121,8 +104,8 @@ def start(args):
 
 def settle_device_choices(args, preset, arch, accelerator, per_process):
     """The choices that depend on this process's device: the micro batch and gradient checkpointing
-    (from the GPU's memory, sail/memory.py; on the CPU the preset's), the image loader's workers, and the
-    precision the VAE encodes in. Each flag given stays as given."""
+    (from the GPU's memory, sail/memory.py; on the CPU the preset's) and the image loader's workers. Each
+    flag given stays as given."""
     device = accelerator.device
     memory_gib = memory.device_memory_gib(device)
     micro, checkpointing = memory.choose(arch, memory_gib, per_process, preset.get("micro_batch", per_process),
@@ -136,8 +119,6 @@ def settle_device_choices(args, preset, arch, accelerator, per_process):
         args.num_workers = batches.default_workers(device, accelerator.num_processes)
     if args.num_workers < 0:
         raise common.SailError(f"--num-workers {args.num_workers}: give 0 (read images in the training thread) or more")
-    frozen = models.inference_dtype(device, args.mixed_precision)
-    args.vae_fp32 = models.encoding_vae_dtype(arch, frozen, args.vae_fp32) == torch.float32
 
 
 def load_models(job):
@@ -145,7 +126,7 @@ def load_models(job):
     LoRA on it whose adapter switched off is the reference), the optimizer and its schedule."""
     args, device = job.args, job.device
     job.frozen_dtype = models.inference_dtype(device, args.mixed_precision)
-    vae_dtype = torch.float32 if args.vae_fp32 else job.frozen_dtype
+    vae_dtype = models.encoding_vae_dtype(job.init.arch, job.frozen_dtype, args.vae_fp32)
     job.pipe = pipe = models.load_pipeline(job.init, device, job.frozen_dtype, vae_dtype=vae_dtype)
     unet = models.load_unet(job.init, torch.float32)
     n_params = sum(p.numel() for p in unet.parameters())
@@ -182,11 +163,11 @@ def resume_or_start(job):
     if partial.exists() and args.restart and accelerator.is_main_process:
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    settings = training_settings(args, job.total_steps, job.out.parent)
+    recorded = training.training_settings(args, job.total_steps, job.out.parent)
     if (partial / "progress.json").is_file():
         if not (partial / "settings.json").is_file():
             raise common.SailError(f"{partial} records no settings.json, so it cannot be resumed safely: add --restart")
-        files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        files.check_settings(partial / "settings.json", recorded, "add --restart to discard it")
         job.start_step, state = training.resume_state(partial)
         accelerator.load_state(str(state))
         if accelerator.is_main_process:
@@ -195,7 +176,7 @@ def resume_or_start(job):
     elif accelerator.is_main_process:
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "train_log.jsonl").write_text("")
-        files.check_settings(partial / "settings.json", settings, "add --restart to discard it")
+        files.check_settings(partial / "settings.json", recorded, "add --restart to discard it")
     if accelerator.is_main_process:
         files.save_args(job.out.parent, "train", args, num_processes=accelerator.num_processes, num_pairs=len(job.pairs))
 

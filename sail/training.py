@@ -1,6 +1,6 @@
 """Training helpers of the DPO job (sail/trainer.py, 04_train.py): experiment trackers, resumable
-states, gradient accumulation through accelerate, mixed precision from an accelerate config, and the
-whole UNet of a sharded model.
+states and the settings recorded with them, gradient accumulation through accelerate, and the whole
+UNet of a sharded model.
 
 Nothing here runs on its own (04_train.py's docstring says what training reads and writes). Beside
 the checkpoint it adds <out parent>/tracker/ (TensorBoard events, wandb's local files). Docs: docs/training.md.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sail import common, files, models
+from sail import common, files, models, settings
 
 log = logging.getLogger("sail")
 
@@ -70,14 +70,6 @@ def make_accelerator(mixed_precision, report_to, folder):
                        project_config=ProjectConfiguration(str(folder), logging_dir=str(Path(folder) / files.TRACKER_DIR)))
 
 
-def mixed_precision_from_accelerate():
-    """fp16/bf16 from `accelerate launch` (its config file or flag), else None (the preset decides).
-    `accelerate launch` exports "no" also when there is no config at all, so "no" is not taken as a
-    choice: pass --mixed-precision no to train in float32 under a config that says otherwise."""
-    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
-    return value if value in ("fp16", "bf16") else None
-
-
 def micro_batch(wanted, per_process):
     """The largest micro batch <= wanted that divides the process's pairs: accelerate's accumulation
     weighs micro batches equally, so equal micro batches keep the loss the mean over pairs."""
@@ -126,6 +118,15 @@ def whole_unet(job, lora_setup=None):
         fresh = lora_setup(fresh)
     fresh.load_state_dict(state)
     return fresh
+
+
+def training_settings(args, total_steps, folder):
+    """What decides the trained weights (sail/settings.py: the settings that decide 04's outputs, and
+    the steps, start model and pairs), recorded with a killed run's state: a resume with other values
+    would mix two trainings. Batch sizes of a pass and the latent cache only change memory and
+    round-off, so a run killed for memory can resume with a smaller micro batch."""
+    return dict(settings.record(args, "train"), steps=total_steps, init=models.model_setting(args.init, folder),
+                pairs=files.relative_to(args.pairs, folder))
 
 
 def check_finished_settings(args, names):

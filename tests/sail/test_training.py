@@ -77,15 +77,6 @@ def test_accumulation_set_by_accelerate_config_must_agree(monkeypatch):
     assert accelerator.gradient_accumulation_steps == 3
 
 
-@pytest.mark.parametrize("env, expected", [(None, None), ("no", None), ("bf16", "bf16"), ("FP16", "fp16")])
-def test_mixed_precision_of_an_accelerate_config(monkeypatch, env, expected):
-    if env is None:
-        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    else:
-        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
-    assert training.mixed_precision_from_accelerate() == expected
-
-
 def test_latent_cache_keeps_only_what_comes_back():
     one_epoch = batches.LatentCache(batches.future_uses(list(range(8)), 0, 2, 4, 0, 1), max_bytes=2**30)
     two_epochs = batches.LatentCache(batches.future_uses(list(range(4)) * 2, 0, 2, 4, 0, 1), max_bytes=2**30)

@@ -174,12 +174,13 @@ def test_toy_world_shortened(tmp_path):
     assert info["preset"] == "toy" and info["steps"] == 10
 
 
-@pytest.mark.parametrize("iterations, share, noted", [(3, "0.25", True), (3, "0.75", False), (2, "0.25", False)])
-def test_long_runs_with_few_human_pairs_get_a_note(tmp_path, iterations, share, noted):
-    """Past 2 iterations with under 75% human pairs run_all.sh points at the toy's long runs (the run
-    itself stops here at once: no seed pairs for sd15)."""
+@pytest.mark.parametrize("iterations, guard", [(3, "report"), (3, "spot"), (2, "report")])
+def test_long_runs_get_a_pointer_to_the_toys_long_runs(tmp_path, iterations, guard):
+    """Past 2 iterations run_all.sh points at the toy's long runs and, unless it runs, the spot check; its
+    log states no result (the run itself stops here at once: no seed pairs for sd15)."""
     done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "sd15", str(iterations)], capture_output=True, text=True,
-                          env={**os.environ, "RUN": str(tmp_path), "HUMAN_SHARE": share}, timeout=60)
+                          env={**os.environ, "RUN": str(tmp_path), "HUMAN_SHARE": "0.25", "GUARD": guard}, timeout=60)
     assert done.returncode == 2 and "seed/pairs.jsonl not found" in done.stderr
-    assert ("only HUMAN_SHARE=0.75 kept improving" in done.stdout) == noted
-    assert ("GUARD=spot stops the loop" in done.stdout) == (iterations > 2)
+    assert ("the toy's runs past 2 iterations are in toy/RESULTS.md" in done.stdout) == (iterations > 2)
+    assert ("GUARD=spot checks the self pairs" in done.stdout) == (iterations > 2 and guard != "spot")
+    assert "flags given: --human-share 0.25 (others: the stages' defaults)" in done.stdout

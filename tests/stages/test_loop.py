@@ -1,4 +1,4 @@
-"""The SAIL loop's stages: self-reward on cases with a known answer, pairing, mixup shares,
+"""The SAIL loop's stages: self-reward on cases with a known answer, no pair from identical images, mixup shares,
 generation determinism and resume, the overlap refusal."""
 import copy
 import json
@@ -79,29 +79,6 @@ def test_common_draws_give_identical_images_identical_rewards(tiny):
     assert own_gap > 100 * shared_gap
     again, _ = self_rewards(other, pipe.unet, sched, lat, cond, 32, draws=3, common_draws=True, batch_size=5)
     torch.testing.assert_close(again, shared, rtol=1e-4, atol=1e-6)  # batching does not change the draws
-
-
-def test_pairing():
-    group = [dict(index=i, reward=r) for i, r in enumerate([0.5, 2.0, -1.0, 0.7])]
-    win, lose = self_reward.choose_pair("p", group, "best-worst", 0)
-    assert (win["index"], lose["index"]) == (1, 2)
-    picks = {tuple(r["index"] for r in self_reward.choose_pair(f"p{i}", group, "random", 0)) for i in range(30)}
-    assert len(picks) > 2 and all(group[w]["reward"] > group[l]["reward"] for w, l in picks)
-    assert self_reward.choose_pair("p", [dict(index=0, reward=0.0), dict(index=1, reward=0.0)], "best-worst", 0) is None
-
-
-def test_ties_within_round_off_and_identical_images_give_no_pair():
-    """Rewards 1e-4 apart at beta 5000 (p = 0.500025, round-off of the float32 errors) tie; so do two
-    byte-identical images, whatever rewards independent draws gave them."""
-    close = [dict(index=0, reward=1.0), dict(index=1, reward=1.0 + 1e-4)]
-    tolerance = self_reward.tie_tolerance(5000.0)
-    assert self_reward.choose_pair("p", close, "best-worst", 0) is not None  # exact comparison: a "preference"
-    assert self_reward.choose_pair("p", close, "best-worst", 0, tolerance) is None
-    apart = [dict(index=0, reward=1.0, image="a.png"), dict(index=1, reward=1.1, image="b.png")]
-    assert self_reward.choose_pair("p", apart, "best-worst", 0, tolerance) is not None
-    same = lambda a, b: True
-    assert self_reward.choose_pair("p", apart, "best-worst", 0, tolerance, same) is None
-    assert self_reward.choose_pair("p", apart, "random", 0, tolerance, same) is None
 
 
 def trained_run(tmp_path, candidates):

@@ -131,17 +131,18 @@ def test_compiled_training_equals_the_plain_path(tmp_path, monkeypatch):
     assert_same_training(trained_change(tmp_path, monkeypatch, "plain"), trained_change(tmp_path, monkeypatch, "fast", "--compile"))
 
 
-def test_vae_encoding_precision_follows_the_frozen_models_but_sdxl_under_fp16():
+def test_vae_encoding_precision_follows_the_frozen_models_but_sdxl():
     fp32, bf16, fp16 = torch.float32, torch.bfloat16, torch.float16
-    assert models.encoding_vae_dtype("sdxl", bf16) == bf16 and models.encoding_vae_dtype("sd15", bf16) == bf16
+    assert models.encoding_vae_dtype("sdxl", bf16) == fp32 and models.encoding_vae_dtype("sd15", bf16) == bf16
     assert models.encoding_vae_dtype("sdxl", fp16) == fp32 and models.encoding_vae_dtype("sd15", fp16) == fp16
+    assert models.encoding_vae_dtype("sdxl", bf16, fp32=False) == bf16  # --no-vae-fp32
     assert models.encoding_vae_dtype("sdxl", fp32, fp32=False) == fp32  # float32 frozen models: float32 whatever asked
     assert models.encoding_vae_dtype("sdxl", bf16, fp32=True) == fp32 and models.encoding_vae_dtype("sdxl", fp16, fp32=False) == fp16
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_bf16_vae_encoding_stays_near_the_float32_latents_and_loss(arch):
-    """Under bf16 the VAE encodes the training images in bf16, SDXL's too (float32 only under fp16): the
+    """With --no-vae-fp32 under bf16 the VAE encodes the training images in bf16, SDXL's too: the
     latents (rounded to bf16 after encoding either way), one DPO micro batch's loss and its gradient stay
     within the bounds below of float32 encoding on the tiny models."""
     pipe = models.load_pipeline(models.describe_model(f"tiny-{arch}"), torch.device("cpu"), torch.float32)

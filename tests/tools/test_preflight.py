@@ -47,3 +47,17 @@ def test_check_does_not_replace_a_folder_of_another_kind(tmp_path, capsys):
         common.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
     assert "is not a preflight folder; not replacing it" in capsys.readouterr().err
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+
+
+def test_check_without_the_weights_says_how_to_get_them(tmp_path):
+    """`bash run_all.sh sdxl 2 --check` on a machine that has not got SDXL: one line, no library warnings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SAIL_SD15_PATH", "SAIL_SDXL_PATH", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "sdxl", "2", "--check"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: preflight stopped at 'load model': stabilityai/stable-diffusion-xl-base-1.0 is not in the local Hugging "
+        f"Face cache ({tmp_path / 'hf' / 'hub'}) and cannot be fetched (HF_HUB_OFFLINE is set): download it where there "
+        "is a network with `hf download stabilityai/stable-diffusion-xl-base-1.0` (into that cache), or point "
+        "$SAIL_SDXL_PATH at a local copy of it"], done.stderr
