@@ -44,7 +44,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sail import common, dpo, files, models, settings, trainer, training, validation
+from sail import common, files, models, settings, trainer, training, validation
 from sail.lora import LORA_TARGETS, add_lora, lora_config, save_lora
 
 log = logging.getLogger("sail")
