@@ -11,14 +11,16 @@ DDPM's forward process whatever sampler the folder ships. Then, in a scratch run
 the stages themselves at reduced size: 01 (2 prompts x 2 images from the base model), 00 (two
 DPO steps on two pairs made of those images), a reload of the saved checkpoint, 02 (the
 self-reward with K = 2) and one score per evaluation metric whose package is installed. It
-prints time and peak memory per unit and a rough estimate of the paper's run, and stops at the
-first problem with one message (exit 2).
+prints time and peak memory per unit and a rough estimate of the paper's run from the stages' rates
+with bench/speed.py's FLOP table (bench/estimate.py): TFLOP/s and, on a GPU in the peak table,
+MFU. It stops at the first problem with one message (exit 2).
 
 Reads:  the model; the metric models of the installed metrics (--metrics chooses).
 Writes: <out>/ (default runs/preflight-<preset>, replaced on each start): the scratch run, its
         logs, and preflight.json (checks, times, peak memory, estimate).
 """
 import argparse
+import gc
 import importlib
 import json
 import logging
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench import estimate, flops
 from sail import common, configs, dpo, files, models
 from sail.metrics import check_metric, load_scorer
 from sail.settings import get_preset
@@ -46,6 +49,8 @@ def build_parser():
     p.add_argument("--preset", required=True, help="sd15, sdxl, or a tiny preset (tests)")
     p.add_argument("--out", type=Path, help="scratch run folder (default runs/preflight-<preset>)")
     p.add_argument("--metrics", help="comma-separated metrics to try (default: every installed one)")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: bench/flops.py's "
+                                                     "table by device name)")
     return p
 
 
@@ -175,7 +180,11 @@ def main(args):
     desc = units.run("load model", lambda: models.describe_model(args.preset))
     pipe = units.run("load pipeline", lambda: models.load_pipeline(desc, device, models.inference_dtype(device, preset["mixed_precision"])))
     checks = units.run("check configs and noising", lambda: check_model(pipe, desc.arch))
+    shapes = flops.meta_pipeline(pipe)  # the models' shapes, for the FLOPs per unit at the end
     pipe = None  # frees it: the stages load their own
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     files.write_jsonl_atomic(run / "pools" / "base.jsonl", [dict(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)])
     units.run("01 generate 2x2 images", lambda: stage("01_generate", run, "--ckpt", args.preset, "--pool", run / "pools" / "base.jsonl",
@@ -193,25 +202,41 @@ def main(args):
     tiny = args.preset.startswith("tiny")
     metrics = args.metrics.split(",") if args.metrics else installed_metrics(TINY_METRICS if tiny else REAL_METRICS)
     scores = {m: units.run(f"score {m}", lambda m=m: score_images(m, run, device)) for m in metrics}
-    estimate = rough_estimate(run, desc.arch)
+    unit_flops = units.run("count FLOPs per unit", lambda: stage_flops(shapes, run))
+    rough = rough_estimate(run, desc.arch, unit_flops, flops.device_peak(args.peak_tflops))
     files.write_json_atomic(run / "preflight.json", dict(preset=args.preset, model=preset["model"], checks=checks,
-                                                       units=units.rows, scores=scores, estimate=estimate))
+                                                       units=units.rows, scores=scores, estimate=rough))
     log.info("preflight passed: %d units; wrote %s", len(units.rows), run / "preflight.json")
 
 
-def rough_estimate(run, arch):
+def stage_flops(shapes, run):
+    """bench/flops.py's FLOPs per unit at the settings the stages ran with (their args files)."""
+    gen = json.loads((run / "base" / "generate.args.json").read_text())
+    train = json.loads((files.iteration_dir(run, 0) / "train.args.json").read_text())
+    return flops.unit_flops(shapes, gen["resolution"], gen["steps"], gen["cfg"], estimate.DRAWS,
+                            bool(train["gradient_checkpointing"]))
+
+
+def rough_estimate(run, arch, unit_flops, peak):
     """The paper's run from the rates the stages measured after loading their models: rough, since
-    2 images and 2 steps carry the warm-up; `python speed.py --preset <preset>` measures steady rates."""
-    from bench import speed
+    2 images and 2 steps carry the warm-up; `python -m bench.speed --preset <preset>` measures steady
+    rates. peak: flops.device_peak's (TFLOP/s or None, device, source)."""
     rate = lambda name: json.loads((run / name).read_text())["rate"]
     rates = dict(gen=rate("base/generate.0.timing.json"), train=rate(f"{files.iteration_name(0)}/train.timing.json"),
-                 reward=rate("base/self_reward.0.timing.json") * PREFLIGHT_DRAWS / speed.DRAWS)  # UNet passes scale with K
-    table = speed.paper_run_estimate(arch, rates, epochs=1)
-    total = sum(s for _, _, s in table)
-    for stage_name, work, s in table:
-        log.info("estimate %-22s %-32s %s", stage_name, work, speed.duration(s))
-    log.info("estimate total on one device: %s (rough; steady rates: python speed.py)", speed.duration(total))
-    return dict(rates=rates, total_seconds=round(total), stages=[dict(stage=a, work=b, seconds=round(c)) for a, b, c in table])
+                 reward=rate("base/self_reward.0.timing.json") * PREFLIGHT_DRAWS / estimate.DRAWS)  # UNet passes scale with K
+    peak_tflops, device, source = peak
+    log.info("rates of the stages on %s (%s):", device, f"peak {peak_tflops:g} TFLOP/s, {source}" if peak_tflops else source)
+    for line in estimate.rate_lines(rates, unit_flops, peak_tflops):
+        log.info("%s", line)
+    lines, summary = estimate.estimate_lines(arch, rates, unit_flops, peak_tflops, label="the stages' rates (rough)")
+    for line in lines:
+        log.info("%s", line)
+    log.info("estimate total on one device: %s (rough; steady rates: python -m bench.speed)",
+             estimate.duration(summary["total_seconds"]))
+    utilisation = {key: dict(zip(("tflops", "mfu"), flops.utilisation(unit_flops[key], rates[key], peak_tflops)))
+                   for key in rates}
+    return dict(summary, rates=rates, tflop_per_unit={k: v / 1e12 for k, v in unit_flops.items()},
+                utilisation=utilisation, peak_tflops=peak_tflops)
 
 
 if __name__ == "__main__":

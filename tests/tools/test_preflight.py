@@ -28,6 +28,12 @@ def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
     assert len(report["scores"]["tiny-pickscore"]) == 4
     assert report["estimate"]["total_seconds"] > 0 and len(report["estimate"]["stages"]) == 1 + 3 * 2
     assert "preflight passed" in done.stdout and "estimate total on one device" in done.stdout
+    estimate = report["estimate"]
+    assert estimate["peak_tflops"] is None and estimate["mfu"] is None  # the CPU has no peak: TFLOP/s only
+    for key in ("gen", "reward", "train"):
+        assert estimate["tflop_per_unit"][key] > 0 and estimate["utilisation"][key]["tflops"] > 0
+        assert estimate["utilisation"][key]["mfu"] is None
+    assert "TFLOP/unit" in done.stdout and "MFU -" in done.stdout
 
 
 def test_check_stops_at_a_noising_that_is_not_ddpm(tmp_path, monkeypatch, capsys):
