@@ -8,10 +8,11 @@ is the same as
 It loads the preset's model (the hub cache, or SAIL_SD15_PATH / SAIL_SDXL_PATH), compares its
 configs with the released ones (configs.py) and checks that losses and rewards noise with
 DDPM's forward process whatever sampler the folder ships. Then, in a scratch run folder, it runs
-the stages themselves at reduced size: 01 (2 prompts x 2 images from the base model), 00 (two
-DPO steps on two pairs made of those images), a reload of the saved checkpoint, 02 (the
-self-reward with K = 2) and one score per evaluation metric whose package is installed. It
-prints time and peak memory per unit and a rough estimate of the paper's run from the stages' rates
+the stages themselves at reduced size, each as its own process as run_all.sh starts it: 01
+(2 prompts x 2 images from the base model), 00 (two DPO steps on two pairs made of those images),
+a reload of the saved checkpoint, 02 (the self-reward with K = 2) and one score per evaluation
+metric whose package is installed. It prints time and peak memory per unit (a stage's: its own
+process's, from its timing file) and a rough estimate of the paper's run from the stages' rates
 with bench/speed.py's FLOP table (bench/estimate.py): TFLOP/s and, on a GPU in the peak table,
 MFU. It stops at the first problem with one message (exit 2).
 
@@ -21,12 +22,14 @@ Writes: <out>/ (default runs/preflight-<preset>, replaced on each start): the sc
 """
 import argparse
 import gc
-import importlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +44,7 @@ log = logging.getLogger("sail")
 REAL_METRICS = ("pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic")
 TINY_METRICS = ("tiny-pickscore", "tiny-aesthetic", "tiny-imagereward")
 PREFLIGHT_DRAWS = 2
+KIT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox sitting in fresh snow, photograph", "an old lighthouse on a cliff at dusk, oil painting"]
 
 
@@ -67,7 +71,8 @@ class Units:
     def __init__(self):
         self.rows = []
 
-    def run(self, name, fn):
+    def run(self, name, fn, peak=peak_memory):
+        """fn(), timed; `peak` gives the unit's peak memory afterwards (default: this process's)."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
@@ -78,7 +83,7 @@ class Units:
         except Exception as err:  # an unexpected library error: still one line, with its kind
             raise common.SailError(f"preflight stopped at '{name}': {type(err).__name__}: {err}") from err
         seconds = time.time() - start
-        self.rows.append(dict(unit=name, seconds=round(seconds, 2), peak_gib=round(peak_memory(), 2)))
+        self.rows.append(dict(unit=name, seconds=round(seconds, 2), peak_gib=round(peak(), 2)))
         log.info("ok  %-28s %8.1f s   peak %.2f GiB", name, seconds, self.rows[-1]["peak_gib"])
         return result
 
@@ -124,15 +129,27 @@ def check_model(pipe, arch):
                 differences=[dict(setting=s, found=str(g), released=str(r)) for s, g, r in differences])
 
 
-def stage(module, run, *argv):
-    """A stage's own main, in this process, as its command line would run it; then the preflight's
-    log again (each stage logs into its own folder)."""
-    mod = importlib.import_module(module)
-    entry = getattr(mod, "locked_main", None) or mod.main
-    try:
-        entry(mod.build_parser().parse_args([str(a) for a in argv]))
-    finally:
-        common.setup_logging(run, "preflight")
+def stage(script, *argv):
+    """A stage as its own process, as run_all.sh starts it; its log goes to stdout as it runs, its
+    error line (or the last line of a crash) becomes the preflight's."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(KIT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(KIT / script), *[str(a) for a in argv]], env=env, stderr=subprocess.PIPE,
+                          text=True)
+    sys.stderr.write(done.stderr)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+        raise common.SailError(errors[-1] if errors else f"{script} exited with status {done.returncode}"
+                               f"{': ' + lines[-1] if lines else ''}")
+
+
+def child_peak(timing):
+    """A stage's peak memory in GiB: GPU memory where it used a GPU, else resident RAM, from its timing
+    file; without one, the largest resident RAM of any finished child process."""
+    if Path(timing).is_file():
+        info = json.loads(Path(timing).read_text())
+        return info.get("peak_gpu_gib", info["peak_ram_gib"])
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
 def installed_metrics(names):
@@ -187,18 +204,22 @@ def main(args):
         torch.cuda.empty_cache()
 
     files.write_jsonl_atomic(run / "pools" / "base.jsonl", [dict(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)])
-    units.run("01 generate 2x2 images", lambda: stage("01_generate", run, "--ckpt", args.preset, "--pool", run / "pools" / "base.jsonl",
-                                                        "--out", run / "base", "--num-candidates", 2))
+    units.run("01 generate 2x2 images", lambda: stage("01_generate.py", "--ckpt", args.preset, "--num-candidates", 2,
+                                                        "--pool", run / "pools" / "base.jsonl", "--out", run / "base"),
+              peak=lambda: child_peak(run / "base" / "generate.0.timing.json"))
     gens = files.read_jsonl(run / "base" / "generations.jsonl")
     files.write_jsonl_atomic(files.seed_pairs_path(run), [
         dict(prompt=g["prompt"], prompt_id=g["prompt_id"], image_w=f"../base/{g['image']}",
              image_l=f"../base/{h['image']}", source="human") for g, h in zip(gens[0::2], gens[1::2])])
-    units.run("00 seed DPO, 2 steps", lambda: stage("00_seed_dpo", run, "--run", run, "--preset", args.preset,
-                                                      "--max-steps", 2, "--batch-size", 2, "--lr", 1e-5, "--save-every", 0))
+    train_dir = files.iteration_dir(run, 0)
+    units.run("00 seed DPO, 2 steps", lambda: stage("00_seed_dpo.py", "--run", run, "--preset", args.preset,
+                                                      "--max-steps", 2, "--batch-size", 2, "--lr", 1e-5, "--save-every", 0),
+              peak=lambda: child_peak(train_dir / "train.timing.json"))
     ckpt = files.checkpoint_dir(run, 0)
     units.run("reload the checkpoint", lambda: reload_checkpoint(ckpt, args.preset))
-    units.run("02 self-reward, K=2", lambda: stage("02_self_reward", run, "--ckpt", ckpt, "--dir", run / "base",
-                                                    "--draws", PREFLIGHT_DRAWS))
+    units.run("02 self-reward, K=2", lambda: stage("02_self_reward.py", "--ckpt", ckpt, "--dir", run / "base",
+                                                    "--draws", PREFLIGHT_DRAWS),
+              peak=lambda: child_peak(run / "base" / "self_reward.0.timing.json"))
     tiny = args.preset.startswith("tiny")
     metrics = args.metrics.split(",") if args.metrics else installed_metrics(TINY_METRICS if tiny else REAL_METRICS)
     scores = {m: units.run(f"score {m}", lambda m=m: score_images(m, run, device)) for m in metrics}

@@ -1,5 +1,6 @@
 """tools/preflight.py (`bash run_all.sh PRESET T --check`) on the tiny models: every unit runs through the
-stages' own code, and a wrong noising or a folder that is not its own stops it with one message."""
+stages' own code, each stage as its own process, and a wrong noising, a failing stage or a folder that is
+not its own stops it with one message."""
 import json
 import os
 import subprocess
@@ -28,6 +29,11 @@ def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
     assert len(report["scores"]["tiny-pickscore"]) == 4
     assert report["estimate"]["total_seconds"] > 0 and len(report["estimate"]["stages"]) == 1 + 3 * 2
     assert "preflight passed" in done.stdout and "estimate total on one device" in done.stdout
+    run = tmp_path / "runs" / "preflight-tiny-sdxl"
+    peaks = {row["unit"]: row["peak_gib"] for row in report["units"]}
+    for unit, timing in (("01 generate 2x2 images", "base/generate.0.timing.json"), ("00 seed DPO, 2 steps",
+                         "iter_00/train.timing.json"), ("02 self-reward, K=2", "base/self_reward.0.timing.json")):
+        assert peaks[unit] == round(json.loads((run / timing).read_text())["peak_ram_gib"], 2)  # the stage's own process
     estimate = report["estimate"]
     assert estimate["peak_tflops"] is None and estimate["mfu"] is None  # the CPU has no peak: TFLOP/s only
     for key in ("gen", "reward", "train"):
@@ -53,3 +59,11 @@ def test_check_does_not_replace_a_folder_of_another_kind(tmp_path, capsys):
         common.run_stage(preflight.main, preflight.build_parser().parse_args(["--preset", "tiny-sd15", "--out", str(tmp_path / "mine")]))
     assert "is not a preflight folder; not replacing it" in capsys.readouterr().err
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+
+
+def test_a_failing_stage_stops_with_its_own_message(tmp_path):
+    """The stages run as child processes: the preflight's message is the stage's error line."""
+    with pytest.raises(common.SailError, match=f"^{tmp_path / 'missing.jsonl'}: file not found$"):
+        preflight.stage("01_generate.py", "--ckpt", "tiny-sd15", "--pool", tmp_path / "missing.jsonl",
+                        "--out", tmp_path / "out")
+    assert not (tmp_path / "out" / "generations.jsonl").exists()
