@@ -15,7 +15,10 @@
 # Settings (environment): SDXL_BATCH=32 and SD15_BATCH=128 pairs per timed optimizer step (the preset's
 # effective batch is 128: an SDXL step of 128 pairs takes minutes), STEPS=2 timed micro-batch steps,
 # SPEED_FLAGS="" (e.g. "compile-regional": also those rows), BENCH_ARGS="" (more flags for both benches),
-# WHEELS=folder: pip-install the wheels in it first (into /tmp/site) on a machine that lacks diffusers.
+# time limits in seconds SDXL_LIMIT=270, SD15_LIMIT=200, STEP_LIMIT=90 (each accelerate step);
+# WHEELS=folder: pip-install the wheels in it first (into /tmp/site) on a machine that lacks packages:
+# diffusers; for the DeepSpeed step deepspeed (PyPI has its source only: `pip wheel deepspeed --no-deps`
+# builds the wheel) and those of its requirements the machine lacks (hjson, pydantic and its own).
 set -uo pipefail
 KIT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$KIT"
@@ -35,10 +38,12 @@ if [[ -n "${DRY:-}" ]]; then
   CARD=cpu
   BENCH=("tiny-sdxl --micro-batch 2 --batch-size 4 --gen-batch 2 --reward-images 2 --steps 1"
          "tiny-sd15 --micro-batch 2 --batch-size 4 --gen-batch 2 --reward-images 2 --steps 1")
+  LIMITS=(900 900)  # two CPU cores
 else
   CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')
   BENCH=("sdxl --random-weights --batch-size ${SDXL_BATCH:-32} --steps ${STEPS:-2}"
          "sd15 --random-weights --batch-size ${SD15_BATCH:-128} --steps ${STEPS:-2}")
+  LIMITS=("${SDXL_LIMIT:-270}" "${SD15_LIMIT:-200}")
 fi
 REPORT="$OUT/bench_${CARD}.txt"
 
@@ -69,9 +74,10 @@ step() {  # step SECONDS TITLE COMMAND...: run one step with a time limit, its o
   return $status
 }
 
-for args in "${BENCH[@]}"; do
+for i in "${!BENCH[@]}"; do
+  args=${BENCH[$i]}
   # shellcheck disable=SC2086  # the settings are flags, split on purpose
-  step "${BENCH_LIMIT:-330}" "bench ${args%% *}" $PY -m bench.speed --preset $args --no-naive ${BENCH_ARGS:-} \
+  step "${LIMITS[$i]}" "bench ${args%% *}" $PY -m bench.speed --preset $args --no-naive ${BENCH_ARGS:-} \
     ${SPEED_FLAGS:+--speed-flags $SPEED_FLAGS}
 done
 
@@ -82,7 +88,7 @@ for config in fsdp deepspeed_zero2; do
     printf '\n[%s step: skipped, deepspeed is not installed]\n' "$config" | tee -a "$REPORT"
     continue
   fi
-  if step "${STEP_LIMIT:-180}" "$config step" $PY -m accelerate.commands.launch --config_file "$file" --num_processes 1 \
+  if step "${STEP_LIMIT:-90}" "$config step" $PY -m accelerate.commands.launch --config_file "$file" --num_processes 1 \
       04_train.py --init tiny-sdxl --pairs "$SCRATCH/pairs-2.jsonl" --out "$SCRATCH/$config/ckpt" --batch-size 2 \
       --max-steps 1 --save-every 0; then
     ran=$(grep -o "1 process(es), [A-Z_]*" "$SCRATCH/$config/log.txt" | tail -1)
