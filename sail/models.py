@@ -221,15 +221,17 @@ def use_sampler(pipe, sampler):
 
 
 def speed_up(unet, compile=False, fuse_qkv=False, channels_last=False):
-    """The UNet with the speed options asked for (--compile, --fuse-qkv, --channels-last: they pay on a
-    GPU; tests/stages/test_speed_options.py: same outputs up to round-off).
-    Compiled in place (nn.Module.compile): same class, same state-dict names, so saving and resuming
-    do not change."""
+    """The UNet with the speed options asked for (--compile, --fuse-qkv, --channels-last: they pay on a GPU;
+    tests/stages/test_speed_options.py: same outputs up to round-off). compile=True compiles the whole UNet, compile="regional" only its repeated transformer
+    blocks (diffusers' compile_repeated_blocks: one compiled block reused, so a shorter warm-up), both in
+    place (nn.Module.compile): same class, same state-dict names, so saving and resuming do not change."""
     if fuse_qkv:
         unet.fuse_qkv_projections()
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    if compile:
+    if compile == "regional" and hasattr(unet, "compile_repeated_blocks"):
+        unet.compile_repeated_blocks()
+    elif compile:
         unet.compile()
     return unet
 

@@ -8,28 +8,34 @@ is the same as
 It loads the preset's model (the hub cache, or SAIL_SD15_PATH / SAIL_SDXL_PATH), compares its
 configs with the released ones (configs.py) and checks that losses and rewards noise with
 DDPM's forward process whatever sampler the folder ships. Then, in a scratch run folder, it runs
-the stages themselves at reduced size: 01 (2 prompts x 2 images from the base model), 00 (two
-DPO steps on two pairs made of those images), a reload of the saved checkpoint, 02 (the
-self-reward with K = 2) and one score per evaluation metric whose package is installed. It
-prints time and peak memory per unit and a rough estimate of the paper's run, and stops at the
-first problem with one message (exit 2).
+the stages themselves at reduced size, each as its own process as run_all.sh starts it: 01
+(2 prompts x 2 images from the base model), 00 (two DPO steps on two pairs made of those images),
+a reload of the saved checkpoint, 02 (the self-reward with K = 2) and one score per evaluation
+metric whose package is installed. It prints time and peak memory per unit (a stage's: its own
+process's, from its timing file) and a rough estimate of the paper's run from the stages' rates
+with bench/speed.py's FLOP table (bench/estimate.py): TFLOP/s and, on a GPU in the peak table,
+MFU. It stops at the first problem with one message (exit 2).
 
 Reads:  the model; the metric models of the installed metrics (--metrics chooses).
 Writes: <out>/ (default runs/preflight-<preset>, replaced on each start): the scratch run, its
         logs, and preflight.json (checks, times, peak memory, estimate).
 """
 import argparse
-import importlib
+import gc
 import json
 import logging
 import math
+import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench import estimate, flops
 from sail import common, configs, dpo, files, models
 from sail.metrics import check_metric, load_scorer
 from sail.settings import get_preset
@@ -38,6 +44,7 @@ log = logging.getLogger("sail")
 REAL_METRICS = ("pickscore", "hpsv2", "hpsv2.1", "imagereward", "aesthetic")
 TINY_METRICS = ("tiny-pickscore", "tiny-aesthetic", "tiny-imagereward")
 PREFLIGHT_DRAWS = 2
+KIT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox sitting in fresh snow, photograph", "an old lighthouse on a cliff at dusk, oil painting"]
 
 
@@ -46,6 +53,8 @@ def build_parser():
     p.add_argument("--preset", required=True, help="sd15, sdxl, or a tiny preset (tests)")
     p.add_argument("--out", type=Path, help="scratch run folder (default runs/preflight-<preset>)")
     p.add_argument("--metrics", help="comma-separated metrics to try (default: every installed one)")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: bench/flops.py's "
+                                                     "table by device name)")
     return p
 
 
@@ -62,7 +71,8 @@ class Units:
     def __init__(self):
         self.rows = []
 
-    def run(self, name, fn):
+    def run(self, name, fn, peak=peak_memory):
+        """fn(), timed; `peak` gives the unit's peak memory afterwards (default: this process's)."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.time()
@@ -73,7 +83,7 @@ class Units:
         except Exception as err:  # an unexpected library error: still one line, with its kind
             raise common.SailError(f"preflight stopped at '{name}': {type(err).__name__}: {err}") from err
         seconds = time.time() - start
-        self.rows.append(dict(unit=name, seconds=round(seconds, 2), peak_gib=round(peak_memory(), 2)))
+        self.rows.append(dict(unit=name, seconds=round(seconds, 2), peak_gib=round(peak(), 2)))
         log.info("ok  %-28s %8.1f s   peak %.2f GiB", name, seconds, self.rows[-1]["peak_gib"])
         return result
 
@@ -119,15 +129,27 @@ def check_model(pipe, arch):
                 differences=[dict(setting=s, found=str(g), released=str(r)) for s, g, r in differences])
 
 
-def stage(module, run, *argv):
-    """A stage's own main, in this process, as its command line would run it; then the preflight's
-    log again (each stage logs into its own folder)."""
-    mod = importlib.import_module(module)
-    entry = getattr(mod, "locked_main", None) or mod.main
-    try:
-        entry(mod.build_parser().parse_args([str(a) for a in argv]))
-    finally:
-        common.setup_logging(run, "preflight")
+def stage(script, *argv):
+    """A stage as its own process, as run_all.sh starts it; its log goes to stdout as it runs, its
+    error line (or the last line of a crash) becomes the preflight's."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(KIT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(KIT / script), *[str(a) for a in argv]], env=env, stderr=subprocess.PIPE,
+                          text=True)
+    sys.stderr.write(done.stderr)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+        raise common.SailError(errors[-1] if errors else f"{script} exited with status {done.returncode}"
+                               f"{': ' + lines[-1] if lines else ''}")
+
+
+def child_peak(timing):
+    """A stage's peak memory in GiB: GPU memory where it used a GPU, else resident RAM, from its timing
+    file; without one, the largest resident RAM of any finished child process."""
+    if Path(timing).is_file():
+        info = json.loads(Path(timing).read_text())
+        return info.get("peak_gpu_gib", info["peak_ram_gib"])
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
 def installed_metrics(names):
@@ -175,43 +197,67 @@ def main(args):
     desc = units.run("load model", lambda: models.describe_model(args.preset))
     pipe = units.run("load pipeline", lambda: models.load_pipeline(desc, device, models.inference_dtype(device, preset["mixed_precision"])))
     checks = units.run("check configs and noising", lambda: check_model(pipe, desc.arch))
+    shapes = flops.meta_pipeline(pipe)  # the models' shapes, for the FLOPs per unit at the end
     pipe = None  # frees it: the stages load their own
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     files.write_jsonl_atomic(run / "pools" / "base.jsonl", [dict(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(PROMPTS)])
-    units.run("01 generate 2x2 images", lambda: stage("01_generate", run, "--ckpt", args.preset, "--pool", run / "pools" / "base.jsonl",
-                                                        "--out", run / "base", "--num-candidates", 2))
+    units.run("01 generate 2x2 images", lambda: stage("01_generate.py", "--ckpt", args.preset, "--num-candidates", 2,
+                                                        "--pool", run / "pools" / "base.jsonl", "--out", run / "base"),
+              peak=lambda: child_peak(run / "base" / "generate.0.timing.json"))
     gens = files.read_jsonl(run / "base" / "generations.jsonl")
     files.write_jsonl_atomic(files.seed_pairs_path(run), [
         dict(prompt=g["prompt"], prompt_id=g["prompt_id"], image_w=f"../base/{g['image']}",
              image_l=f"../base/{h['image']}", source="human") for g, h in zip(gens[0::2], gens[1::2])])
-    units.run("00 seed DPO, 2 steps", lambda: stage("00_seed_dpo", run, "--run", run, "--preset", args.preset,
-                                                      "--max-steps", 2, "--batch-size", 2, "--lr", 1e-5, "--save-every", 0))
+    train_dir = files.iteration_dir(run, 0)
+    units.run("00 seed DPO, 2 steps", lambda: stage("00_seed_dpo.py", "--run", run, "--preset", args.preset,
+                                                      "--max-steps", 2, "--batch-size", 2, "--lr", 1e-5, "--save-every", 0),
+              peak=lambda: child_peak(train_dir / "train.timing.json"))
     ckpt = files.checkpoint_dir(run, 0)
     units.run("reload the checkpoint", lambda: reload_checkpoint(ckpt, args.preset))
-    units.run("02 self-reward, K=2", lambda: stage("02_self_reward", run, "--ckpt", ckpt, "--dir", run / "base",
-                                                    "--draws", PREFLIGHT_DRAWS))
+    units.run("02 self-reward, K=2", lambda: stage("02_self_reward.py", "--ckpt", ckpt, "--dir", run / "base",
+                                                    "--draws", PREFLIGHT_DRAWS),
+              peak=lambda: child_peak(run / "base" / "self_reward.0.timing.json"))
     tiny = args.preset.startswith("tiny")
     metrics = args.metrics.split(",") if args.metrics else installed_metrics(TINY_METRICS if tiny else REAL_METRICS)
     scores = {m: units.run(f"score {m}", lambda m=m: score_images(m, run, device)) for m in metrics}
-    estimate = rough_estimate(run, desc.arch)
+    unit_flops = units.run("count FLOPs per unit", lambda: stage_flops(shapes, run))
+    rough = rough_estimate(run, desc.arch, unit_flops, flops.device_peak(args.peak_tflops))
     files.write_json_atomic(run / "preflight.json", dict(preset=args.preset, model=preset["model"], checks=checks,
-                                                       units=units.rows, scores=scores, estimate=estimate))
+                                                       units=units.rows, scores=scores, estimate=rough))
     log.info("preflight passed: %d units; wrote %s", len(units.rows), run / "preflight.json")
 
 
-def rough_estimate(run, arch):
+def stage_flops(shapes, run):
+    """bench/flops.py's FLOPs per unit at the settings the stages ran with (their args files)."""
+    gen = json.loads((run / "base" / "generate.args.json").read_text())
+    train = json.loads((files.iteration_dir(run, 0) / "train.args.json").read_text())
+    return flops.unit_flops(shapes, gen["resolution"], gen["steps"], gen["cfg"], estimate.DRAWS,
+                            bool(train["gradient_checkpointing"]))
+
+
+def rough_estimate(run, arch, unit_flops, peak):
     """The paper's run from the rates the stages measured after loading their models: rough, since
-    2 images and 2 steps carry the warm-up; `python speed.py --preset <preset>` measures steady rates."""
-    from bench import speed
+    2 images and 2 steps carry the warm-up; `python -m bench.speed --preset <preset>` measures steady
+    rates. peak: flops.device_peak's (TFLOP/s or None, device, source)."""
     rate = lambda name: json.loads((run / name).read_text())["rate"]
     rates = dict(gen=rate("base/generate.0.timing.json"), train=rate(f"{files.iteration_name(0)}/train.timing.json"),
-                 reward=rate("base/self_reward.0.timing.json") * PREFLIGHT_DRAWS / speed.DRAWS)  # UNet passes scale with K
-    table = speed.paper_run_estimate(arch, rates, epochs=1)
-    total = sum(s for _, _, s in table)
-    for stage_name, work, s in table:
-        log.info("estimate %-22s %-32s %s", stage_name, work, speed.duration(s))
-    log.info("estimate total on one device: %s (rough; steady rates: python speed.py)", speed.duration(total))
-    return dict(rates=rates, total_seconds=round(total), stages=[dict(stage=a, work=b, seconds=round(c)) for a, b, c in table])
+                 reward=rate("base/self_reward.0.timing.json") * PREFLIGHT_DRAWS / estimate.DRAWS)  # UNet passes scale with K
+    peak_tflops, device, source = peak
+    log.info("rates of the stages on %s (%s):", device, f"peak {peak_tflops:g} TFLOP/s, {source}" if peak_tflops else source)
+    for line in estimate.rate_lines(rates, unit_flops, peak_tflops):
+        log.info("%s", line)
+    lines, summary = estimate.estimate_lines(arch, rates, unit_flops, peak_tflops, label="the stages' rates (rough)")
+    for line in lines:
+        log.info("%s", line)
+    log.info("estimate total on one device: %s (rough; steady rates: python -m bench.speed)",
+             estimate.duration(summary["total_seconds"]))
+    utilisation = {key: dict(zip(("tflops", "mfu"), flops.utilisation(unit_flops[key], rates[key], peak_tflops)))
+                   for key in rates}
+    return dict(summary, rates=rates, tflop_per_unit={k: v / 1e12 for k, v in unit_flops.items()},
+                utilisation=utilisation, peak_tflops=peak_tflops)
 
 
 if __name__ == "__main__":

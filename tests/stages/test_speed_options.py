@@ -1,6 +1,7 @@
-"""The flags that only pay on a GPU (--fuse-qkv, --channels-last, --compile) change speed, not results:
-the UNet's outputs, 01's images and 02's rewards equal the plain path's up to round-off. The VAE's bf16
-encoding in training changes them within the bounds its test states."""
+"""The flags that only pay on a GPU (--fuse-qkv, --channels-last, --compile, and the bench's regional
+compile) change speed, not results: the UNet's outputs, 01's images and 02's rewards equal the plain
+path's up to round-off. The VAE's bf16 encoding in training (--no-vae-fp32) changes them within the
+bounds its test states."""
 import copy
 import json
 
@@ -82,9 +83,16 @@ def test_generation_and_self_reward_equal_the_plain_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_unet_outputs_equal_the_plain_unet():
-    plain, fast = unet_outputs("sd15"), unet_outputs("sd15", compile=True)
+@pytest.mark.parametrize("compile", [True, "regional"])
+def test_compiled_unet_outputs_equal_the_plain_unet(compile):
+    plain, fast = unet_outputs("sd15"), unet_outputs("sd15", compile=compile)
     assert torch.allclose(fast, plain, atol=1e-4, rtol=1e-3)
+
+
+def test_regional_compile_compiles_only_the_repeated_blocks():
+    unet = models.speed_up(models.load_unet(models.describe_model("tiny-sd15")), compile="regional")
+    compiled = {type(m).__name__ for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == {"BasicTransformerBlock"}  # diffusers' _repeated_blocks of the UNet
 
 
 def trained_change(tmp_path, monkeypatch, name, *flags):

@@ -1,5 +1,6 @@
 """tools/preflight.py (`bash run_all.sh PRESET T --check`) on the tiny models: every unit runs through the
-stages' own code, and a wrong noising or a folder that is not its own stops it with one message."""
+stages' own code, each stage as its own process, and a wrong noising, a failing stage or a folder that is
+not its own stops it with one message."""
 import json
 import os
 import subprocess
@@ -28,6 +29,17 @@ def test_check_runs_every_unit_on_tiny_sdxl(tmp_path):
     assert len(report["scores"]["tiny-pickscore"]) == 4
     assert report["estimate"]["total_seconds"] > 0 and len(report["estimate"]["stages"]) == 1 + 3 * 2
     assert "preflight passed" in done.stdout and "estimate total on one device" in done.stdout
+    run = tmp_path / "runs" / "preflight-tiny-sdxl"
+    peaks = {row["unit"]: row["peak_gib"] for row in report["units"]}
+    for unit, timing in (("01 generate 2x2 images", "base/generate.0.timing.json"), ("00 seed DPO, 2 steps",
+                         "iter_00/train.timing.json"), ("02 self-reward, K=2", "base/self_reward.0.timing.json")):
+        assert peaks[unit] == round(json.loads((run / timing).read_text())["peak_ram_gib"], 2)  # the stage's own process
+    estimate = report["estimate"]
+    assert estimate["peak_tflops"] is None and estimate["mfu"] is None  # the CPU has no peak: TFLOP/s only
+    for key in ("gen", "reward", "train"):
+        assert estimate["tflop_per_unit"][key] > 0 and estimate["utilisation"][key]["tflops"] > 0
+        assert estimate["utilisation"][key]["mfu"] is None
+    assert "TFLOP/unit" in done.stdout and "MFU -" in done.stdout
 
 
 def test_check_stops_at_a_noising_that_is_not_ddpm(tmp_path, monkeypatch, capsys):
@@ -61,3 +73,11 @@ def test_check_without_the_weights_says_how_to_get_them(tmp_path):
         f"Face cache ({tmp_path / 'hf' / 'hub'}) and cannot be fetched (HF_HUB_OFFLINE is set): download it where there "
         "is a network with `hf download stabilityai/stable-diffusion-xl-base-1.0` (into that cache), or point "
         "$SAIL_SDXL_PATH at a local copy of it"], done.stderr
+
+
+def test_a_failing_stage_stops_with_its_own_message(tmp_path):
+    """The stages run as child processes: the preflight's message is the stage's error line."""
+    with pytest.raises(common.SailError, match=f"^{tmp_path / 'missing.jsonl'}: file not found$"):
+        preflight.stage("01_generate.py", "--ckpt", "tiny-sd15", "--pool", tmp_path / "missing.jsonl",
+                        "--out", tmp_path / "out")
+    assert not (tmp_path / "out" / "generations.jsonl").exists()
