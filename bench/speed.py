@@ -27,6 +27,7 @@ Then an estimate of the paper's full run per stage, on 1 and on 8 such devices, 
 that the job loads like any other (bench/random_weights.py). Timings are never asserted.
 """
 import argparse
+import dataclasses
 import gc
 import itertools
 import os
@@ -75,7 +76,8 @@ def training_job(init, args, folder, name, batch, micro):
 def release(job):
     """Frees a job's models before the next is built (one job's memory at a time)."""
     job.accelerator.free_memory()
-    job.__dict__.clear()
+    for field in dataclasses.fields(job):
+        setattr(job, field.name, None)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
