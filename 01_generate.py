@@ -64,16 +64,9 @@ def main(args):
     if args.run is not None:
         files.check_pools_disjoint(args.run)
     prompts = files.read_prompts(args.pool)[: args.limit]
-    jobs = []
-    for row in prompts:
-        for k in range(args.num_candidates):
-            jobs.append(dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
-                             seed=common.derive_seed(args.seed, row["prompt_id"], k),
-                             image=f"images/{files.image_name(row['prompt_id'], k)}"))
+    jobs = generation.candidate_jobs(prompts, args.num_candidates, args.seed)
     if state.is_main_process:  # what decides an image; a rerun with other settings stops rather than mix images
-        files.check_settings(out / "generate.settings.json", dict(
-            model=models.model_setting(args.ckpt, out), pool=files.relative_to(args.pool, out),
-            **settings.record(args, "generate")), f"delete {out / 'images'} and {out / 'generate.settings.json'} to generate anew")
+        generation.check_generation_settings(args, out)
         files.save_args(out, "generate", args, num_processes=state.num_processes, model=desc)
     state.wait_for_everyone()
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -89,13 +82,8 @@ def main(args):
         dtype = models.inference_dtype(state.device, args.mixed_precision)
         pipe = models.load_pipeline(desc, state.device, dtype, sampler=args.sampler)
         pipe.unet = models.speed_up(pipe.unet, args.compile, args.fuse_qkv, args.channels_last)
-        start, made = time.time(), 0
-        for batch, images in generation.draw_batches(pipe, mine, args.steps, args.cfg, args.resolution,
-                                                     f"generate[{state.process_index}]"):
-            for job, image in zip(batch, images):
-                if not files.image_is_complete(out / job["image"]):  # its batch-mates made earlier stay as they are
-                    files.save_image_atomic(image, out / job["image"])
-                    made += 1
+        start = time.time()
+        made = generation.draw_into(pipe, mine, out, args, f"generate[{state.process_index}]")
         timing = files.save_timing(out, f"generate.{state.process_index}", made, "images", time.time() - start)
         log.info("made %d images in %.1f s (%.2f images/s)", made, timing["seconds"], timing["rate"])
 

@@ -1,6 +1,7 @@
 """Image generation: the kit's one generation loop, which 01, 05, validation during training, the labelling
 page's candidates and the toy share, and the rule by which a killed generation resumes.
 """
+import argparse
 import logging
 import time
 from pathlib import Path
@@ -51,43 +52,57 @@ def _draw(pipe, prompts, seeds, steps, cfg, resolution):
                     height=resolution, width=resolution).images
 
 
+def candidate_jobs(prompts, num_candidates, seed):
+    """One row per image to draw: prompt_id, prompt, index, its own seed derive_seed(seed, prompt_id, index)
+    and its file (images/<prompt_id>_<index>.png, relative to the folder), as generations.jsonl lists them."""
+    return [dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
+                 seed=common.derive_seed(seed, row["prompt_id"], k),
+                 image=f"images/{files.image_name(row['prompt_id'], k)}") for row in prompts for k in range(num_candidates)]
+
+
+def check_generation_settings(args, out):
+    """Record what decides the images in <out>/generate.settings.json, or stop when a rerun has other values."""
+    files.check_settings(out / "generate.settings.json", dict(
+        model=models.model_setting(args.ckpt, out), pool=files.relative_to(args.pool, out),
+        **settings.record(args, "generate")), f"delete {out / 'images'} and {out / 'generate.settings.json'} to generate anew")
+
+
+def draw_into(pipe, batches, out, args, label="generate"):
+    """Draw the batches with the settled generation settings and save each image not complete yet into out;
+    returns how many were saved (a batch-mate made by an earlier, killed run stays as it is)."""
+    made = 0
+    for batch, images in draw_batches(pipe, batches, args.steps, args.cfg, args.resolution, label):
+        for job, image in zip(batch, images):
+            if not image_is_complete(out / job["image"]):
+                files.save_image_atomic(image, out / job["image"])
+                made += 1
+    return made
+
+
 def draw_candidates(model, prompt_file, out, candidates, seed):
     """`candidates` images for every prompt of `prompt_file`, drawn by `model` (a preset, checkpoint or pipeline)
-    into <out>/images/ with the preset's generation settings, then <out>/generations.jsonl: the files, seeds,
-    settings record and resume of 01_generate.py, in one process. Finished (generations.jsonl there): nothing to do."""
+    into <out>/images/ with the preset's generation settings, then <out>/generations.jsonl: 01_generate.py's
+    files, seeds, settings record and resume, in one process. Finished (generations.jsonl there): nothing to do."""
     out = Path(out)
     finished = out / "generations.jsonl"
     if finished.is_file():
         log.info("%s exists; the candidates are drawn", finished)
         return
     desc = models.describe_model(model)
-    preset = settings.get_preset(desc.preset or "sd15")
-    prompts = files.read_prompts(prompt_file)
-    jobs = [dict(prompt_id=row["prompt_id"], prompt=row["prompt"], index=k,
-                 seed=common.derive_seed(seed, row["prompt_id"], k),
-                 image=f"images/{files.image_name(row['prompt_id'], k)}") for row in prompts for k in range(candidates)]
-    files.check_settings(out / "generate.settings.json", dict(
-        model=models.model_setting(model, out), pool=files.relative_to(prompt_file, out), sampler=preset["sampler"],
-        steps=preset["steps"], cfg=preset["cfg"], resolution=preset["resolution"],
-        mixed_precision=preset["mixed_precision"], seed=seed),
-        f"delete {out / 'images'} and {out / 'generate.settings.json'} to draw anew")
+    args = settings.add_arguments(argparse.ArgumentParser(), "generate").parse_args(
+        ["--num-candidates", str(candidates), "--seed", str(seed)])
+    args.ckpt, args.pool = model, prompt_file
+    settings.settle(args, settings.get_preset(desc.preset or "sd15"), "generate")
+    jobs = candidate_jobs(files.read_prompts(prompt_file), candidates, seed)
+    check_generation_settings(args, out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    batches = missing_batches(jobs, preset["gen_batch"], lambda job: out / job["image"])
-    todo = sum(len(batch) for batch in batches)
-    files.check_free_space(out, todo * preset["resolution"] ** 2 * 3 // 2, f"{todo} PNG images")  # PNG ~ half of raw
-    log.info("%d prompts x %d candidates from %s: %d images to draw (%d there already) | %s %d steps cfg %g %dpx",
-             len(prompts), candidates, model, todo, len(jobs) - todo, preset["sampler"], preset["steps"], preset["cfg"],
-             preset["resolution"])
+    batches = missing_batches(jobs, args.gen_batch, lambda job: out / job["image"])
+    log.info("%d candidates from %s: %d images in batches to draw (%d there already)", len(jobs), model,
+             sum(map(len, batches)), len(jobs) - sum(map(len, batches)))
     if batches:
         device = models.pick_device()
-        pipe = models.load_pipeline(desc, device, models.inference_dtype(device, preset["mixed_precision"]),
-                                    sampler=preset["sampler"])
-        start, made = time.time(), 0
-        for batch, images in draw_batches(pipe, batches, preset["steps"], preset["cfg"], preset["resolution"]):
-            for job, image in zip(batch, images):
-                if not image_is_complete(out / job["image"]):  # its batch-mates made earlier stay as they are
-                    files.save_image_atomic(image, out / job["image"])
-                    made += 1
+        pipe = models.load_pipeline(desc, device, models.inference_dtype(device, args.mixed_precision), sampler=args.sampler)
+        start, made = time.time(), draw_into(pipe, batches, out, args)
         files.save_timing(out, "generate", made, "images", time.time() - start)
     files.write_jsonl_atomic(finished, jobs)
     log.info("wrote %s (%d images)", finished, len(jobs))
