@@ -45,6 +45,7 @@ import numpy as np
 from sail import files, models, reports
 from sail.common import SailError, derive_seed, run_stage, setup_logging
 from sail.settings import get_preset
+from toy.results import write_results
 
 log = logging.getLogger("sail")
 KIT = Path(__file__).resolve().parents[1]
@@ -312,15 +313,6 @@ def main(args):
     summary = summarize(per_seed)
     write_results(args.out, "study", dict(summary=summary, per_seed=per_seed, wall_seconds=seconds),
                   markdown(summary, per_seed), lambda path: plot(summary, path))
-
-
-def write_results(out, stem, numbers, text, draw):
-    """A study's outputs: <stem>.json (numbers), <stem>.md (text, also printed), <stem>.png (draw(path))."""
-    files.write_json_atomic(out / f"{stem}.json", numbers)
-    (out / f"{stem}.md").write_text(text)
-    draw(out / f"{stem}.png")
-    print(text)
-    log.info("written: %s, %s, %s", out / f"{stem}.md", out / f"{stem}.png", out / f"{stem}.json")
 
 
 def build_parser():

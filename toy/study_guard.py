@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sail import common, files, guards
-from toy.study import write_results
+from toy.results import write_results
 from toy.study_long import guard_choice
 from toy.world import choice_from_scores, oracle_score, rater_choice, rater_win_probability
 

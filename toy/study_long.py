@@ -43,7 +43,8 @@ import numpy as np
 
 from sail import common, files, guards, reports, settings
 from toy import world
-from toy.study import KIT, StageLog, add_study_flags, run_over_seeds, spread, write_results
+from toy.results import write_results
+from toy.study import KIT, StageLog, add_study_flags, run_over_seeds, spread
 from toy.study_lr import share_seed_data
 
 log = logging.getLogger("sail")

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from sail import common, files, reports, settings
+from toy.results import write_results
 from toy.study import (
     KIT,
     StageLog,
@@ -37,7 +38,6 @@ from toy.study import (
     label_universe,
     run_over_seeds,
     spread,
-    write_results,
 )
 
 log = logging.getLogger("sail")
