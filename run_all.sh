@@ -12,7 +12,7 @@
 #
 # Environment overrides:
 #   RUN=runs/<preset>   run folder          N=8            candidates per prompt
-#   K=10                self-reward draws   HUMAN_SHARE=0.25  share of human pairs in each mix (0.75 past 2 iterations)
+#   K=10                self-reward draws   HUMAN_SHARE=0.25  share of human pairs in each mix
 #   PAIRING=best-worst  or random           PROMPTS=       prompts per iteration (default: the whole pool)
 #   LAUNCH="accelerate launch --num_processes 8"   how GPU stages start (default: python)
 #   TRAIN_ARGS="--max-steps 100"                   extra flags for 00/04
@@ -93,7 +93,7 @@ if (( T > 2 )) && [[ "$GUARD" != spot ]]; then
   log "note: GUARD=spot stops the loop when the self-labelled pairs drift from human taste (README, The drift guard)"
 fi
 if [[ "$PRESET" == toy ]]; then
-  stage "toy base model" $PY -m toy.base  # built once (about 4 minutes), then found in $SAIL_CACHE
+  stage "toy base model" $PY -m toy.base  # built once, then found in $SAIL_CACHE
 fi
 if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
   case "$PRESET" in

@@ -1,5 +1,5 @@
 """The toy study: SAIL with 6% of the labels against DPO with all of them, and the paper's
-ablations, in the toy world over several data seeds; writes the README's study table and plot.
+ablations, in the toy world over several data seeds; writes the study's tables and plot (toy/RESULTS.md).
 
 For every seed (its own prompt split, seed set and labelled universe; the toy world and its
 hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds are 2, 3 and 4):
@@ -9,19 +9,18 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
      candidate images: random pairs instead of best-worst, no mixup (self pairs only), 75% human
      pairs (the other reading of the paper's mix ratio, see 03_mixup.py), N = 2 and N = 4 (the
      first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
-  3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
-     base model at the lr and steps that toy/study_lr.py found best for it on the tuning seeds (1e-4 and
-     100 steps, a third of a pass; --dpo-all-lr, --dpo-all-steps), and at that lr for as many steps as
-     the whole SAIL run (iteration 0 + T iterations);
+  3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline) from the base model at
+     --dpo-all-lr for --dpo-all-steps (defaults: the best of toy/study_lr.py's sweep on the tuning
+     seeds), and at that lr for as many steps as the whole SAIL run (iteration 0 + T iterations);
   4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
      and its win rate against the base; the self-reward's agreement with the oracle on its own
      best-worst pairs and on 128 held-out oracle-labelled pairs (05_eval.py --reward-accuracy):
      every SAIL model at K = 10, iteration 0 at K = 1, 10, 30 with and without common draws.
 Then mean and spread (sample standard deviation) over the seeds.
 
-Command (about an hour and a half on 2 CPU cores with --jobs 3; seeds run side by side):
-    python -m toy.study --out runs/study --jobs 3
-The plumbing on tiny random-weight models, in a minute or two:
+Command (--jobs: seeds side by side; --threads 1 suits 2-3 jobs on 2 cores):
+    python -m toy.study --out runs/study --jobs 3 --threads 1
+The plumbing on tiny random-weight models:
     python -m toy.study --out /tmp/study --preset tiny-sd15 --quick --seeds 0
 
 Reads:  nothing; the toy base model is built once and cached (python -m toy.base, which run_all.sh runs).
