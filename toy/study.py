@@ -20,7 +20,7 @@ Then mean and spread (sample standard deviation) over the seeds.
 
 Command (--jobs: seeds side by side; --threads 1 suits 2-3 jobs on 2 cores):
     python -m toy.study --out runs/study --jobs 3 --threads 1
-The plumbing on tiny random-weight models:
+The plumbing on tiny random-weight models (--quick also runs one ablation of each kind):
     python -m toy.study --out /tmp/study --preset tiny-sd15 --quick --seeds 0
 
 Reads:  nothing; the toy base model is built once and cached (python -m toy.base, which run_all.sh runs).
@@ -66,9 +66,12 @@ MODELS = [  # row order of the table: (folder name in a seed's run, label, which
     ("ablation_human_share_0.75", "iteration 1, 75% human pairs", "seed"),
     ("ablation_n2", "iteration 1, N = 2", "seed"), ("ablation_n4", "iteration 1, N = 4", "seed"),
 ]
+# --quick checks the plumbing: tiny sizes, and one ablation of each kind (a new mix of the same
+# pairs, new pairs from some of the same images), the no-mixup one also carried on to iteration 2
 QUICK = dict(data="--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --seed-fraction 0.5",
-             steps=2, draws=2, sweep=[1, 2], heldout=4, images_per_prompt=1)
-FULL = dict(data="", steps=None, draws=10, sweep=[1, 10, 30], heldout=128, images_per_prompt=4)
+             steps=2, draws=2, sweep=[1, 2], heldout=4, images_per_prompt=1,
+             ablations=("ablation_no_mixup", "ablation_n2"))
+FULL = dict(data="", steps=None, draws=10, sweep=[1, 10, 30], heldout=128, images_per_prompt=4, ablations=tuple(ABLATIONS))
 
 
 class StageLog:
@@ -119,7 +122,8 @@ def run_seed(args, seed, cfg):
        extra_env=dict(RUN=str(run), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0",
                       DATA_ARGS=" ".join(data_args), TRAIN_ARGS=" ".join(train_args)))
     iter0, iter1 = files.checkpoint_dir(run, 0), files.iteration_dir(run, 1)
-    for name, (n, pairing, share) in ABLATIONS.items():
+    for name in cfg["ablations"]:
+        n, pairing, share = ABLATIONS[name]
         folder = run / name
         if (folder / "ckpt" / "sail.json").is_file():
             continue
