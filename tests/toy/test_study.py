@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from toy import study
 
@@ -142,8 +143,7 @@ def run_stages_here(monkeypatch, calls, loop=None):
         if cmd[0] != sys.executable:
             return loop(cmd, extra_env) if loop else real(self, name, *cmd, extra_env=extra_env)
         module, argv = (cmd[2], cmd[3:]) if cmd[1] == "-m" else (Path(cmd[1]).stem, cmd[2:])
-        root = logging.getLogger()
-        handlers = root.handlers[:]
+        handlers = logging.getLogger().handlers[:]
         try:
             with monkeypatch.context() as m:
                 m.setattr(sys, "argv", [module, *argv])
@@ -151,13 +151,7 @@ def run_stages_here(monkeypatch, calls, loop=None):
         except SystemExit as stop:
             assert not stop.code, f"{name}: exit status {stop.code}"
         finally:  # the stage's log handlers go, the study's come back
-            for handler in root.handlers[:]:
-                if handler not in handlers:
-                    root.removeHandler(handler)
-                    handler.close()
-            for handler in handlers:
-                if handler not in root.handlers:
-                    root.addHandler(handler)
+            restore_handlers(handlers)
         self.times[name] = 0.0
 
     monkeypatch.setattr(study.StageLog, "__call__", call)
@@ -191,14 +185,44 @@ def check_quick_study(out):
     return result
 
 
-def test_quick_study_on_tiny_models(tmp_path, monkeypatch):
+def restore_handlers(handlers):
+    """The root logger's handlers back to these; the ones added since are closed."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+
+
+@pytest.fixture
+def root_logging():
+    """The root logger's handlers as they were before the test (the study sets up its own)."""
+    handlers = logging.getLogger().handlers[:]
+    yield
+    restore_handlers(handlers)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process, as --threads 1 gives each stage process: tiny models
+    gain nothing from a second thread, and on cores shared with other work it waits for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_study_on_tiny_models(tmp_path, monkeypatch, root_logging, one_thread):
     """Every stage of the --quick study on one seed with tiny random models: the files and the numbers'
     plumbing, not the numbers (random weights learn nothing); then a rerun that finds it all done.
     The SAIL loop runs through run_all.sh, the study's own stages in this process."""
     calls = []
     run_stages_here(monkeypatch, calls)
     out = tmp_path / "study"
-    flags = ["--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0"]
+    flags = ["--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0", "--threads", "1"]
     study.main(study.build_parser().parse_args(flags))
     result = check_quick_study(out)
     loop = [env for name, cmd, env in calls if cmd[0] == "bash"]
@@ -220,12 +244,13 @@ def test_quick_study_on_tiny_models(tmp_path, monkeypatch):
 def test_quick_study_as_a_command(tmp_path):
     """The --quick study as a user runs it, every stage its own process, and the same command again."""
     out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "toy.study", "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "toy.study", "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
+           "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = check_quick_study(out)
     stamp = (out / "seed_0" / "ablation_n2" / "ckpt" / "sail.json").stat().st_mtime_ns
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "seed_0" / "ablation_n2" / "ckpt" / "sail.json").stat().st_mtime_ns == stamp
     assert np.allclose(json.loads((out / "study.json").read_text())["summary"]["models"]["iter_01"]["mean"][0],
