@@ -131,27 +131,48 @@ def test_every_ablation_gets_its_stages(tmp_path, monkeypatch):
     assert result["heldout_pairs"] == 4 and result["dpo_all_labels_long_steps"] == 900
 
 
-def run_stages_here(monkeypatch, calls, loop=None):
-    """The study's StageLog, but each Python stage runs in this process, as `python -m NAME` or
-    `python NAME.py` would run it (runpy, under __main__): the same code without a new interpreter
-    per stage. run_all.sh runs as itself, or as loop(cmd, env) when given. Every call lands in calls."""
-    real = study.StageLog.__call__
+def run_here(name, argv):
+    """One Python stage in this process, as `python -m MODULE ...` or `python NAME.py ...` runs it
+    (runpy, under __main__): the same code without a new interpreter. Its log handlers are closed after."""
+    module, argv = (argv[1], argv[2:]) if argv[0] == "-m" else (Path(argv[0]).stem, argv[1:])
+    handlers, before = logging.getLogger().handlers[:], sys.argv
+    try:
+        sys.argv = [module, *argv]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        assert not stop.code, f"{name}: exit status {stop.code}"
+    finally:
+        sys.argv = before
+        restore_handlers(handlers)
+
+
+def loop_here(cmd, env):
+    """`bash run_all.sh PRESET T` for a toy-world preset, its stages in this process in run_all.sh's
+    order and with its defaults (tests/stages/test_end_to_end.py runs the script itself; the slow test
+    below runs the study with it): the data, iteration 0, then 01-04 for each iteration."""
+    preset, iterations, run = cmd[2], int(cmd[3]), env["RUN"]
+    train = env["TRAIN_ARGS"].split()
+    run_here("data", ["-m", "toy.data", "--run", run, "--preset", preset, "--n-pools", str(iterations),
+                      *env["DATA_ARGS"].split()])
+    run_here("00", ["00_seed_dpo.py", "--run", run, "--preset", preset, *train])
+    for i in map(str, range(1, iterations + 1)):
+        run_here("01", ["01_generate.py", "--run", run, "--iter", i, "--num-candidates", env["N"]])
+        run_here("02", ["02_self_reward.py", "--run", run, "--iter", i, "--draws", env["K"], "--pairing", "best-worst"])
+        run_here("03", ["03_mixup.py", "--run", run, "--iter", i, "--human-share", "0.25"])
+        run_here("04", ["04_train.py", "--run", run, "--iter", i, *train])
+
+
+def run_stages_here(monkeypatch, calls, loop=loop_here):
+    """The study's StageLog with every stage in this process (run_here), and run_all.sh as loop(cmd, env).
+    Every call lands in calls."""
 
     def call(self, name, *cmd, extra_env=None):
         cmd = [str(c) for c in cmd]
         calls.append((name, cmd, extra_env or {}))
-        if cmd[0] != sys.executable:
-            return loop(cmd, extra_env) if loop else real(self, name, *cmd, extra_env=extra_env)
-        module, argv = (cmd[2], cmd[3:]) if cmd[1] == "-m" else (Path(cmd[1]).stem, cmd[2:])
-        handlers = logging.getLogger().handlers[:]
-        try:
-            with monkeypatch.context() as m:
-                m.setattr(sys, "argv", [module, *argv])
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-        except SystemExit as stop:
-            assert not stop.code, f"{name}: exit status {stop.code}"
-        finally:  # the stage's log handlers go, the study's come back
-            restore_handlers(handlers)
+        if cmd[0] == sys.executable:
+            run_here(name, cmd[1:])
+        else:
+            loop(cmd, extra_env)
         self.times[name] = 0.0
 
     monkeypatch.setattr(study.StageLog, "__call__", call)
@@ -218,7 +239,7 @@ def one_thread():
 def test_quick_study_on_tiny_models(tmp_path, monkeypatch, root_logging, one_thread):
     """Every stage of the --quick study on one seed with tiny random models: the files and the numbers'
     plumbing, not the numbers (random weights learn nothing); then a rerun that finds it all done.
-    The SAIL loop runs through run_all.sh, the study's own stages in this process."""
+    Every stage runs in this process; the slow test below runs the same study as a command."""
     calls = []
     run_stages_here(monkeypatch, calls)
     out = tmp_path / "study"
