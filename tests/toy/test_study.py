@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from toy import study
 
@@ -226,24 +225,14 @@ def root_logging():
     restore_handlers(handlers)
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one thread in this process, as --threads 1 gives each stage process: tiny models
-    gain nothing from a second thread, and on cores shared with other work it waits for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_quick_study_on_tiny_models(tmp_path, monkeypatch, root_logging, one_thread):
+def test_quick_study_on_tiny_models(tmp_path, monkeypatch, root_logging):
     """Every stage of the --quick study on one seed with tiny random models: the files and the numbers'
     plumbing, not the numbers (random weights learn nothing); then a rerun that finds it all done.
     Every stage runs in this process; the slow test below runs the same study as a command."""
     calls = []
     run_stages_here(monkeypatch, calls)
     out = tmp_path / "study"
-    flags = ["--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0", "--threads", "1"]
+    flags = ["--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0"]
     study.main(study.build_parser().parse_args(flags))
     result = check_quick_study(out)
     loop = [env for name, cmd, env in calls if cmd[0] == "bash"]
