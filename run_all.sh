@@ -104,7 +104,7 @@ if (( T > 2 )); then
   log "$note"
 fi
 if [[ "$PRESET" == toy ]]; then
-  stage "toy base model" $PY -m toy.base  # built once (about 4 minutes), then found in $SAIL_CACHE
+  stage "toy base model" $PY -m toy.base  # built once, then found in $SAIL_CACHE
 fi
 if [[ ! -f "$RUN/seed/pairs.jsonl" ]]; then
   case "$PRESET" in

@@ -5,8 +5,8 @@ or in any training mix) with the new model's own implicit reward (05_eval.py --r
 same K common draws as 02), and this script reads those accuracies, prints them side by side and
 records the best iteration (the latest within the tolerance of the highest accuracy). A self-reward
 that drifts away from human taste is what makes later iterations train on wrong pairs; the guard
-needs no oracle, only pairs that were set aside. (In the toy world these pairs, drawn by the base
-model, did not see the drift: README, "The drift guard".)
+needs no oracle, only pairs that were set aside. How it fared in the toy world: toy/RESULTS.md,
+section 8.
 
 Command (run_all.sh runs it after each iteration when val/pairs.jsonl exists; GUARD=stop passes --stop):
     python -m tools.drift_guard --run runs/toy --iter 2 [--stop] [--tolerance 0.02]

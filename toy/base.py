@@ -1,6 +1,6 @@
 """The toy world's base model: the real architectures (AutoencoderKL, CLIPTextModel with a
 tokenizer that has one token per word of the world, UNet2DConditionModel, DDIMScheduler) at CPU
-size, pretrained for a few minutes on the world's messy "web" pictures, deterministically, and
+size, briefly pretrained on the world's messy "web" pictures, deterministically, and
 cached. Brief pretraining on messy data leaves it imperfect, as a base model should be.
 
 Command:
@@ -100,7 +100,7 @@ def _to_pixels(images):
 
 def train_autoencoder(vae, images, steps, seed, batch_size=32, lr=3e-3, kl_weight=1e-4, log_every=100):
     """Fit the autoencoder: reconstruction of a posterior sample plus a light KL term. The log
-    variance starts at -4 (std 0.14) rather than 0, which makes the short fit several times faster;
+    variance starts at -4 (std 0.14) rather than 0, so the short fit starts near a plain autoencoder;
     the sampling noise keeps the decoder tolerant of small latent errors, as diffusion needs."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -163,8 +163,7 @@ def train_denoiser(unet, text_encoder, latents, ids, empty_id, steps, seed, batc
 def build_toy_base(out_dir, seed=0, n_images=16384, vae_steps=400, unet_steps=500, batch_size=64, lr=2e-3,
                    train_text=True, log_every=100):
     """Pretrain the toy base model and save it as a StableDiffusionPipeline at out_dir (written to a
-    temporary folder, then renamed). Same arguments, same weights (fixed seeds, deterministic ops).
-    On two idle CPU cores: rendering 5 s, autoencoder 45 s, denoiser 155 s."""
+    temporary folder, then renamed). Same arguments, same weights (fixed seeds, deterministic ops)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -211,8 +210,8 @@ def build_toy_base(out_dir, seed=0, n_images=16384, vae_steps=400, unet_steps=50
 
 
 def ensure_toy_base(cache_dir):
-    """The toy base model's pipeline folder, cache_dir/toy-base-v1: built on first use (about 3.5
-    minutes on two CPU cores, the same weights every time), then reused."""
+    """The toy base model's pipeline folder, cache_dir/toy-base-v1: built on first use (the same
+    weights every time), then reused."""
     path = Path(cache_dir) / TOY_BASE_NAME
     if (path / "model_index.json").is_file():
         return path

@@ -96,7 +96,7 @@ def make_run_data(run_dir, preset="toy", seed=0, n_pools=3, pool_size=64, n_eval
     run_dir = Path(run_dir)
     settings = dict(preset=preset, seed=seed, n_pools=n_pools, pool_size=pool_size, n_eval=n_eval,
                     seed_fraction=seed_fraction, pairs_per_prompt=pairs_per_prompt, n_universe=n_universe,
-                    tie_margin=tie_margin, **({"val_pairs": val_pairs} if val_pairs else {}),  # older folders have none
+                    tie_margin=tie_margin, **({"val_pairs": val_pairs} if val_pairs else {}),  # only when set: data made without them still matches
                     **({"rater_noise": rater_noise} if rater_noise else {}))
     made = run_dir / "toy_world.data.json"
     if made.is_file():

@@ -1,5 +1,5 @@
 """The toy study: SAIL with 6% of the labels against DPO with all of them, and the paper's
-ablations, in the toy world over several data seeds; writes the README's study table and plot.
+ablations, in the toy world over several data seeds; writes the study's tables and plot (toy/RESULTS.md).
 
 For every seed (its own prompt split, seed set and labelled universe; the toy world and its
 hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds are 2, 3 and 4):
@@ -9,19 +9,18 @@ hyperparameters were tuned on data seeds 0 and 1, so the study's default seeds a
      candidate images: random pairs instead of best-worst, no mixup (self pairs only), 75% human
      pairs (the other reading of the paper's mix ratio, see 03_mixup.py), N = 2 and N = 4 (the
      first 2 or 4 of the same 8 images per prompt); and no mixup carried on to iteration 2;
-  3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline; ~16x the seed) from the
-     base model at the lr and steps that toy/study_lr.py found best for it on the tuning seeds (1e-4 and
-     100 steps, a third of a pass; --dpo-all-lr, --dpo-all-steps), and at that lr for as many steps as
-     the whole SAIL run (iteration 0 + T iterations);
+  3. DPO on 100% of the labelled pairs (the paper's DiffusionDPO baseline) from the base model at
+     --dpo-all-lr for --dpo-all-steps (defaults: the best of toy/study_lr.py's sweep on the tuning
+     seeds), and at that lr for as many steps as the whole SAIL run (iteration 0 + T iterations);
   4. the oracle score of every model on the run's eval prompts (the same seeds for every model)
      and its win rate against the base; the self-reward's agreement with the oracle on its own
      best-worst pairs and on 128 held-out oracle-labelled pairs (05_eval.py --reward-accuracy):
      every SAIL model at K = 10, iteration 0 at K = 1, 10, 30 with and without common draws.
 Then mean and spread (sample standard deviation) over the seeds.
 
-Command (about an hour and a half on 2 CPU cores with --jobs 3; seeds run side by side):
-    python -m toy.study --out runs/study --jobs 3
-The plumbing on tiny random-weight models, in a minute or two:
+Command (--jobs: seeds side by side; --threads 1 suits 2-3 jobs on 2 cores):
+    python -m toy.study --out runs/study --jobs 3 --threads 1
+The plumbing on tiny random-weight models (--quick also runs one ablation of each kind):
     python -m toy.study --out /tmp/study --preset tiny-sd15 --quick --seeds 0
 
 Reads:  nothing; the toy base model is built once and cached (python -m toy.base, which run_all.sh runs).
@@ -45,6 +44,7 @@ import numpy as np
 from sail import files, models, reports
 from sail.common import SailError, derive_seed, run_stage, setup_logging
 from sail.settings import get_preset
+from toy.results import write_results
 
 log = logging.getLogger("sail")
 KIT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,12 @@ MODELS = [  # row order of the table: (folder name in a seed's run, label, which
     ("ablation_human_share_0.75", "iteration 1, 75% human pairs", "seed"),
     ("ablation_n2", "iteration 1, N = 2", "seed"), ("ablation_n4", "iteration 1, N = 4", "seed"),
 ]
+# --quick checks the plumbing: tiny sizes, and one ablation of each kind (a new mix of the same
+# pairs, new pairs from some of the same images), the no-mixup one also carried on to iteration 2
 QUICK = dict(data="--pool-size 3 --n-eval 3 --n-universe 12 --pairs-per-prompt 2 --seed-fraction 0.5",
-             steps=2, draws=2, sweep=[1, 2], heldout=4, images_per_prompt=1)
-FULL = dict(data="", steps=None, draws=10, sweep=[1, 10, 30], heldout=128, images_per_prompt=4)
+             steps=2, draws=2, sweep=[1, 2], heldout=4, images_per_prompt=1,
+             ablations=("ablation_no_mixup", "ablation_n2"))
+FULL = dict(data="", steps=None, draws=10, sweep=[1, 10, 30], heldout=128, images_per_prompt=4, ablations=tuple(ABLATIONS))
 
 
 class StageLog:
@@ -119,7 +122,8 @@ def run_seed(args, seed, cfg):
        extra_env=dict(RUN=str(run), PYTHON=sys.executable, N="8", K=str(cfg["draws"]), EVAL="0",
                       DATA_ARGS=" ".join(data_args), TRAIN_ARGS=" ".join(train_args)))
     iter0, iter1 = files.checkpoint_dir(run, 0), files.iteration_dir(run, 1)
-    for name, (n, pairing, share) in ABLATIONS.items():
+    for name in cfg["ablations"]:
+        n, pairing, share = ABLATIONS[name]
         folder = run / name
         if (folder / "ckpt" / "sail.json").is_file():
             continue
@@ -312,15 +316,6 @@ def main(args):
     summary = summarize(per_seed)
     write_results(args.out, "study", dict(summary=summary, per_seed=per_seed, wall_seconds=seconds),
                   markdown(summary, per_seed), lambda path: plot(summary, path))
-
-
-def write_results(out, stem, numbers, text, draw):
-    """A study's outputs: <stem>.json (numbers), <stem>.md (text, also printed), <stem>.png (draw(path))."""
-    files.write_json_atomic(out / f"{stem}.json", numbers)
-    (out / f"{stem}.md").write_text(text)
-    draw(out / f"{stem}.png")
-    print(text)
-    log.info("written: %s, %s, %s", out / f"{stem}.md", out / f"{stem}.png", out / f"{stem}.json")
 
 
 def build_parser():

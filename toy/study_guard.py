@@ -1,18 +1,19 @@
 """Which drift guard would have stopped the toy's SAIL runs at the oracle's peak? Replayed on finished runs.
 
-The held-out guard (tools/drift_guard.py) scores human pairs the base model drew, and in the toy it did not
-see the drift (README, "The drift guard"). A spot check asks the human about the pairs the loop is
-about to train on instead: before iteration i trains, the human labels M of its self-labelled
-best-worst pairs (iter_i/pairs.jsonl, ranked by model i-1's implicit reward); when they prefer the
-self-reward's winner less often than a threshold (or by a margin less often than at iteration 1),
-the loop stops and keeps model i-1. This script
-replays that rule on finished toy runs (any toy/study_long.py or run_all.sh toy output) with each run's
-own human (the oracle, or the noisy rater of toy.data --rater-noise; a tie is dropped), over many
-random draws of the M pairs, and reports how often it keeps the oracle's peak and how much oracle
-score it gives up, beside the held-out guard (GUARD=stop), the last model and iteration 2.
+The held-out guard (tools/drift_guard.py) scores human pairs the base model drew. A spot check asks
+the human about the pairs the loop is about to train on instead: before iteration i trains, the
+human labels M of its self-labelled best-worst pairs (iter_i/pairs.jsonl, ranked by model i-1's
+implicit reward); when they prefer the self-reward's winner less often than a threshold (or by a
+margin less often than at iteration 1), the loop stops and keeps model i-1. This script replays
+that rule on finished toy runs (any toy/study_long.py or run_all.sh toy output) with each run's own
+human (the oracle, or the noisy rater of toy.data --rater-noise; a tie is dropped), over many random
+draws of the M pairs, and reports how often it keeps the oracle's peak and how much oracle score it
+gives up, beside the held-out guard (GUARD=stop), the last model and iteration 2. Results so far:
+toy/RESULTS.md.
 
 Command (M = 0 means all of the iteration's pairs):
-    python -m toy.study_guard --out runs/guard --runs runs/long runs/noisy [--spot-pairs 16 32 0]         [--thresholds 0.7 0.8] [--drops 0.1 0.15 0.25] [--draws 200] [--seed 0]
+    python -m toy.study_guard --out runs/guard --runs runs/long runs/noisy [--spot-pairs 16 32 0] \\
+        [--thresholds 0.7 0.8] [--drops 0.1 0.15 0.25] [--draws 200] [--seed 0]
 
 Reads:  every run folder under --runs (a folder with eval/oracle_report.json, toy.report's, and
         iter_XX/pairs.jsonl); its toy_world.data.json (the rater); eval/guard/guard.json if any.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sail import common, files, guards
-from toy.study import write_results
+from toy.results import write_results
 from toy.study_long import guard_choice
 from toy.world import choice_from_scores, oracle_score, rater_choice, rater_win_probability
 

@@ -1,6 +1,6 @@
 """The toy study's long runs: SAIL for T = 6 iterations at several shares of human pairs in the mix,
 measured after every iteration, and whether the drift guard (which needs no oracle) finds the
-iteration where the oracle score peaks.
+iteration where the oracle score peaks. Results so far: toy/RESULTS.md.
 
     python -m toy.study_long --out runs/long --jobs 3 --share-jobs 3 --threads 1
 is short for, per data seed (default 2, 3, 4, which tuned nothing):
@@ -8,10 +8,11 @@ is short for, per data seed (default 2, 3, 4, which tuned nothing):
     RUN=<out>/seed_<s>/human_<h> HUMAN_SHARE=<h> GUARD=report bash run_all.sh toy 6   # h = 0, 0.25, 0.75
     python -m toy.report --run <out>/seed_<s>/human_<h>
 then the measures below. Other settings through --data-args / --train-args (--val-pairs 0: no
-guard), and several outputs side by side, e.g. passes over each iteration's pairs (README):
-    python -m toy.study_long --out runs/passes/steps30 --seeds 0 1 --human-shares 0.25 --iterations 4         --val-pairs 0 --data-args="--n-universe 288" --train-args="--lr 1e-5 --max-steps 30"
+guard), and several outputs side by side, e.g. passes over each iteration's pairs:
+    python -m toy.study_long --out runs/passes/steps30 --seeds 0 1 --human-shares 0.25 --iterations 4 \\
+        --val-pairs 0 --data-args="--n-universe 288" --train-args="--lr 1e-5 --max-steps 30"
     python -m toy.study_long --out runs/passes --compare runs/passes/steps300 runs/passes/steps30
-The plumbing on tiny random-weight models, in a minute or two:
+The plumbing on tiny random-weight models:
     python -m toy.study_long --out /tmp/long --preset tiny-sd15 --quick --seeds 0 --iterations 2
 
 Per iteration (0 = DPO on the seed) of every run: the oracle score of 256 eval images, the gain and
@@ -43,7 +44,8 @@ import numpy as np
 
 from sail import common, files, guards, reports, settings
 from toy import world
-from toy.study import KIT, StageLog, add_study_flags, run_over_seeds, spread, write_results
+from toy.results import write_results
+from toy.study import KIT, StageLog, add_study_flags, run_over_seeds, spread
 from toy.study_lr import share_seed_data
 
 log = logging.getLogger("sail")

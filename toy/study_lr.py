@@ -1,13 +1,14 @@
 """The toy study's learning rates: DPO on all labels and SAIL, each at several learning rates (DPO
 also at several step counts), so that SAIL is compared with a baseline tuned as its users would tune it.
+Results so far: toy/RESULTS.md.
 
 Tune on the data seeds that tuned the toy world (0 and 1), then report the chosen values on the
 study's seeds (2, 3, 4), which no one tuned on:
     python -m toy.study_lr --out runs/lr_tune --seeds 0 1 --jobs 2 --threads 1
-    python -m toy.study_lr --out runs/lr_study --seeds 2 3 4 --dpo 3e-5:300 --sail-lrs 1e-6 --jobs 2 --threads 1
+    python -m toy.study_lr --out runs/lr_study --seeds 2 3 4 --dpo 1e-4:100 1e-6:300 --sail-lrs 1e-6 --jobs 3 --threads 1
 With the noisy human (every label by toy/data.py's rater at T = 0.2), DPO on all labels only:
     python -m toy.study_lr --out runs/noisy_lr --seeds 2 3 --rater-noise 0.2 --dpo 1e-4:100 1e-6:300 --sail-lrs --jobs 2 --threads 1
-The plumbing on tiny random-weight models, in a minute or two:
+The plumbing on tiny random-weight models:
     python -m toy.study_lr --out /tmp/lr --preset tiny-sd15 --quick --seeds 0 --dpo 1e-4:2 --sail-lrs 1e-4 --iterations 1
 
 Per seed, in order: the toy's data with every universe pair labelled (toy.data --all-labels, as
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from sail import common, files, reports, settings
+from toy.results import write_results
 from toy.study import (
     KIT,
     StageLog,
@@ -37,7 +39,6 @@ from toy.study import (
     label_universe,
     run_over_seeds,
     spread,
-    write_results,
 )
 
 log = logging.getLogger("sail")

@@ -1,5 +1,5 @@
 """The toy world: a CPU-sized stand-in for SD1.5 + Pick-a-Pic + human raters, so the whole SAIL
-loop runs end to end in minutes on a laptop, with a hidden "human" to tell whether it worked.
+loop runs end to end on a laptop CPU, with a hidden "human" to tell whether it worked.
 This file is the world alone (numpy): its pictures and its hidden human. `toy/data.py` writes a run's
 data from it and reports the oracle's scores; `toy/base.py` pretrains the toy base model on it.
 
@@ -8,7 +8,7 @@ data from it and reports the oracle's scores; `toy/base.py` pretrains the toy ba
   pictures are drawn like web images: often blurred, noisy, speckled, off-colour or miscaptioned.
 - The toy base model (toy/base.py): the real architectures (AutoencoderKL with 4x downsampling,
   32x32x3 pixels to 8x8x4 latents; CLIPTextModel with a CLIPTokenizer that has one token per word
-  of the world; UNet2DConditionModel; DDIMScheduler), pretrained for a few minutes on that world,
+  of the world; UNet2DConditionModel; DDIMScheduler), briefly pretrained on that world,
   deterministically, and cached. Brief pretraining on messy data leaves it imperfect, as a base
   model should be: it often ignores parts of the caption and draws poorly.
 - The hidden human: oracle_score(prompt, image), pure numpy on pixels, half prompt following

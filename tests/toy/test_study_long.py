@@ -202,10 +202,10 @@ def test_compare_settings(tmp_path):
 
 @pytest.mark.slow
 def test_long_study_on_tiny_models(tmp_path):
-    """The study's stages on tiny random models (about 5 minutes): three shares, the guard each iteration."""
+    """The study's stages on tiny random models: three shares, the guard each iteration."""
     out = tmp_path / "long"
     cmd = [sys.executable, "-m", "toy.study_long", "--out", str(out), "--preset", "tiny-sd15", "--quick", "--seeds", "0",
-           "--iterations", "2", "--share-jobs", "3"]
+           "--iterations", "2", "--share-jobs", "3", "--threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for share in ("0", "0.25", "0.75"):
