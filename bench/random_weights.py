@@ -28,7 +28,12 @@ def random_weights_pipeline(arch, device, dtype, sampler):
     """A pipeline of the released architecture with random weights, made on the device, and a
     float32 copy of its UNet to train; the tokenizer is the kit's byte-level one (its
     <|endoftext|> is the highest id, as in CLIP's vocabulary, where the text encoders pool)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTokenizer
     with tempfile.TemporaryDirectory() as folder:
         tiny.write_byte_tokenizer(Path(folder))

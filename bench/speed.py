@@ -38,7 +38,12 @@ import torch
 
 from bench import estimate, flops, random_weights
 from bench.rows import Table, sync
-from bench.steps import inference_fns, step_breakdown, straightforward_step, write_pair_files
+from bench.steps import (
+    inference_fns,
+    step_breakdown,
+    straightforward_step,
+    write_pair_files,
+)
 from sail import batches, common, models, settings, trainer
 
 SPEED_FLAGS = {"channels-last": dict(channels_last=True), "fuse-qkv": dict(fuse_qkv=True),

@@ -11,7 +11,7 @@ time-id layout) shows on a CPU too.
 import copy
 
 # scheduler/scheduler_config.json. SD1.5 samples with PNDM, SDXL with Euler; training and the
-# self-reward noise with DDPM's forward process built from these (dpo_maths.forward_process).
+# self-reward noise with DDPM's forward process built from these (sail/dpo.py: forward_process).
 SCHEDULERS = {
     "sd15": dict(_class_name="PNDMScheduler", beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
                  clip_sample=False, num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True,

@@ -5,7 +5,15 @@ import torch
 
 from sail.common import SailError
 from sail.imagereward import ImageReward, tiny_imagereward
-from sail.scorers import Aesthetic, HPSv2, PickScore, Scorer, _tiny_aesthetic, optional_import, tiny_clip
+from sail.scorers import (
+    Aesthetic,
+    HPSv2,
+    PickScore,
+    Scorer,
+    _tiny_aesthetic,
+    optional_import,
+    tiny_clip,
+)
 
 # name -> (table label, decimals, factory(path, **kw))
 METRICS = {

@@ -10,7 +10,13 @@ import math
 
 import torch
 
-from sail.dpo import forward_process, implicit_reward, per_sample_error, prediction_target, unet_call
+from sail.dpo import (
+    forward_process,
+    implicit_reward,
+    per_sample_error,
+    prediction_target,
+    unet_call,
+)
 from sail.settings import BETA, DRAW_SCHEMES
 
 

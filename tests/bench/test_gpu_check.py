@@ -67,6 +67,7 @@ def test_gpu_mode_runs_every_step(tmp_path):
     assert deepspeed and len(launches) == (1 if "skipped" in report else 2)
 
 
+@pytest.mark.slow
 def test_a_failed_step_fails_the_check_and_the_rest_still_run(tmp_path):
     done, report, calls = run_check(tmp_path, FAIL_PRESET="sdxl", SPEED_FLAGS="compile-regional")
     assert done.returncode == 1

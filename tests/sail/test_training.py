@@ -127,6 +127,7 @@ def peak_ram_of_one_epoch(folder, n_pairs, *extra):
     return json.loads((folder / "iter_00" / "train.timing.json").read_text())["peak_ram_gib"] * 1024
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_pair_file_at_one_epoch(tmp_path):
     """The same 2 steps over a pair file 4x as long (and 4x the batch, in the same micro batches) take
     the same peak RAM: at one epoch no latents are kept. Keeping every pair's latents, as the kit once

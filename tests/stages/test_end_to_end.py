@@ -31,13 +31,15 @@ def stage(script, *argv):
     return done.stdout
 
 
-def test_tiny_sd15_two_iterations(tmp_path):
+def test_tiny_sd15_one_iteration(tmp_path):
+    """`run_all.sh tiny-sd15 1`: seed DPO, then an iteration trained from it (more iterations repeat
+    the same stages; the spot-check test below runs into a second one)."""
     run_dir = tmp_path / "run"
-    out = run_all(run_dir, "tiny-sd15", 2)
-    for line in ("00 seed DPO done", "iter 2: 01 generate done", "iter 2: 04 DPO done", "oracle report done"):
+    out = run_all(run_dir, "tiny-sd15", 1)
+    for line in ("00 seed DPO done", "iter 1: 01 generate done", "iter 1: 04 DPO done", "oracle report done"):
         assert line in out
     assert "drift guard" not in out  # no held-out pairs, no guard
-    for it in (1, 2):
+    for it in (1,):
         folder = run_dir / f"iter_{it:02d}"
         for name in ("generations.jsonl", "rewards.jsonl", "pairs.jsonl", "train_pairs.jsonl", "ckpt/sail.json",
                      "generate.args.json", "self_reward.args.json", "mixup.args.json", "train.args.json", "log.txt"):
@@ -51,8 +53,8 @@ def test_tiny_sd15_two_iterations(tmp_path):
     # report and its arguments, which the report step writes anew from its cached scores on every run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "log" not in p.name
               and p.name not in (".lock", "oracle_report.json", "toy_world.report.args.json")}
-    again = run_all(run_dir, "tiny-sd15", 2)
-    assert "skipping" in (run_dir / "iter_02" / "log.txt").read_text()
+    again = run_all(run_dir, "tiny-sd15", 1)
+    assert "skipping" in (run_dir / "iter_01" / "log.txt").read_text()
     assert "data (toy world)" not in again
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after, "a finished run was written again"
@@ -62,16 +64,17 @@ def test_tiny_sd15_two_iterations(tmp_path):
     shutil.copytree(run_dir, moved)
     shutil.rmtree(run_dir)
     for name in ("rewards.jsonl", "pairs.jsonl"):
-        (moved / "iter_02" / name).rename(moved / "iter_02" / f"{name}.first")
-    stage("02_self_reward.py", "--run", moved, "--iter", 2, "--draws", 2)
+        (moved / "iter_01" / name).rename(moved / "iter_01" / f"{name}.first")
+    stage("02_self_reward.py", "--run", moved, "--iter", 1, "--draws", 2)
     for name in ("rewards.jsonl", "pairs.jsonl"):
-        assert (moved / "iter_02" / name).read_bytes() == (moved / "iter_02" / f"{name}.first").read_bytes()
-    (moved / "iter_02" / "train_pairs.jsonl").rename(moved / "iter_02" / "train_pairs.first")
-    stage("03_mixup.py", "--run", moved, "--iter", 2)
-    assert (moved / "iter_02" / "train_pairs.jsonl").read_bytes() == (moved / "iter_02" / "train_pairs.first").read_bytes()
+        assert (moved / "iter_01" / name).read_bytes() == (moved / "iter_01" / f"{name}.first").read_bytes()
+    (moved / "iter_01" / "train_pairs.jsonl").rename(moved / "iter_01" / "train_pairs.first")
+    stage("03_mixup.py", "--run", moved, "--iter", 1)
+    assert (moved / "iter_01" / "train_pairs.jsonl").read_bytes() == (moved / "iter_01" / "train_pairs.first").read_bytes()
 
 
-def test_drift_guard_reports_and_stops_the_loop(tmp_path):
+@pytest.mark.slow
+def test_drift_guard_stops_the_loop(tmp_path):
     """With held-out pairs (toy.data --val-pairs) the guard scores them after the seed DPO and each
     iteration; GUARD=stop ends the loop after the first iteration whose accuracy fell below the best by
     more than the tolerance (here any fall at all, and a tie too: tolerance -1 stops after iteration 1)."""
@@ -92,9 +95,15 @@ def test_drift_guard_reports_and_stops_the_loop(tmp_path):
 
 def test_spot_check_stops_the_loop_before_an_iteration_trains(tmp_path):
     """GUARD=spot: after 02 of each iteration the toy's human labels SPOT_PAIRS self pairs; a drop of -1
-    stops at iteration 2 (any agreement is "more than -1 below" iteration 1's), before 03 and 04 run."""
+    stops at iteration 2 (any agreement is "more than -1 below" iteration 1's), before 03 and 04 run.
+    With held-out pairs the drift guard reports after each trained iteration too (GUARD=stop, which
+    ends the loop by that report: the slow test above)."""
     run_dir = tmp_path / "run"
-    out = run_all(run_dir, "tiny-sd15", 2, GUARD="spot", SPOT_PAIRS="2", SPOT_DROP="-1", EVAL="0")
+    out = run_all(run_dir, "tiny-sd15", 2, DATA_ARGS=TINY_DATA + " --val-pairs 6", GUARD="spot", SPOT_PAIRS="2",
+                  SPOT_DROP="-1", EVAL="0")
+    assert "iter 0: drift guard scored" in out and "iter 1: drift guard scored" in out
+    guard = json.loads((run_dir / "eval" / "guard" / "guard.json").read_text())
+    assert list(guard["accuracy"]) == ["iter_00", "iter_01"] and guard["stopped_after"] is None
     assert "iter 1: spot check done" in out and "iter 1: 04 DPO done" in out and "iter 2: 02 self-reward done" in out
     assert "spot check: stopped before iteration 2 trains" in out and "iter 2: 03 mixup" not in out
     assert (run_dir / "iter_01" / "ckpt" / "sail.json").is_file() and not (run_dir / "iter_02" / "ckpt").exists()

@@ -103,6 +103,7 @@ def test_next_iteration_puts_a_fresh_lora_on_the_merged_checkpoint(tmp_path):
     assert changed and all(k.endswith(PROJECTIONS) for k in changed)
 
 
+@pytest.mark.slow
 def test_killed_lora_training_resumes_to_the_same_weights(tmp_path):
     a, b = train_killed_and_resumed(tmp_path, "--lora-rank", 4, "--lr", 1e-3)
     assert (tmp_path / "b" / "iter_00" / "ckpt" / "lora").is_dir()

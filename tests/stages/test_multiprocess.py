@@ -63,6 +63,7 @@ def test_two_processes_match_one(data):
         assert (data / "reward1" / name).read_bytes() == (data / "reward2" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes(data):
     """What a kill leaves (some images missing, a torn image file; a rank's partial rewards with a
     torn last line) is finished by a rerun with 2 processes into the same files as one clean run."""

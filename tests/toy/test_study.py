@@ -11,6 +11,8 @@ import pytest
 
 from toy import study
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def fake_seed(seed, shift):
     oracle = {"base": dict(mean=0.20 + shift, n=256)}
@@ -134,6 +136,8 @@ def run_here(name, argv):
     """One Python stage in this process, as `python -m MODULE ...` or `python NAME.py ...` runs it
     (runpy, under __main__): the same code without a new interpreter. Its log handlers are closed after."""
     module, argv = (argv[1], argv[2:]) if argv[0] == "-m" else (Path(argv[0]).stem, argv[1:])
+    if module == "00_seed_dpo":  # 00 becomes 04 --iter 0 by os.execv, which would replace this process
+        module, argv = "04_train", [*argv, "--iter", "0"]
     handlers, before = logging.getLogger().handlers[:], sys.argv
     try:
         sys.argv = [module, *argv]

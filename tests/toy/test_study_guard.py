@@ -9,6 +9,8 @@ from PIL import Image
 from sail import common, files
 from toy import study_guard, world
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT = "a medium red circle in the center"
 SCORES = [0.30, 0.34, 0.35, 0.30]  # iteration 0 .. 3: the peak is iteration 2
 RIGHT = [8, 6, 2]  # of the 8 self pairs of iterations 1, 2, 3, this many have the oracle's winner as image_w

@@ -12,6 +12,8 @@ from PIL import Image
 from sail.common import SailError
 from toy import study_long, world
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def picture(shape="circle", colour="red", xy=(16, 16), r=6.5):
     return world.render_clean(shape, world.COLOURS[colour], *xy, r)

@@ -10,6 +10,8 @@ import pytest
 
 from toy import study_lr
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_dpo_setting_reads_lr_and_steps():
     assert study_lr.dpo_setting("3e-5:300") == (3e-5, 300)
