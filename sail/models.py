@@ -204,10 +204,13 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False, vae_dtype=N
         if not Path(desc.base_path).exists():
             hub_model(desc.base_path)
         raise SailError(f"cannot load model {desc.base_path}: {err}") from None
-    if vae_dtype is not None:
+    if vae_dtype is None and encoding and desc.arch == "sdxl":
+        vae_dtype = torch.float32
+    if vae_dtype is not None and pipe.vae.dtype != vae_dtype:
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its warning about fp32 modules is meant for half precision casts
         pipe.vae.to(vae_dtype)
-    elif encoding and desc.arch == "sdxl":
-        pipe.vae.to(torch.float32)
+        diffusers_logging.set_verbosity(verbosity)
     if sampler:
         use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
