@@ -141,6 +141,7 @@ def run_here(name, argv):
     handlers, before = logging.getLogger().handlers[:], sys.argv
     try:
         sys.argv = [module, *argv]
+        sys.modules.pop(module, None)  # imported already (the study imports toy.data): run it afresh, as a command would
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as stop:
         assert not stop.code, f"{name}: exit status {stop.code}"
