@@ -100,7 +100,7 @@ log "preset $PRESET, $T iteration(s), run folder $RUN; flags given: ${FLAGS:-non
 if (( T > 2 )); then
   note="note: the toy's runs past 2 iterations are in toy/RESULTS.md"
   [[ "$GUARD" == spot ]] || note+="; GUARD=spot checks the self pairs against a human before each iteration trains \
-(README, The drift guard)"
+(README, The guards)"
   log "$note"
 fi
 if [[ "$PRESET" == toy ]]; then

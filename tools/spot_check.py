@@ -1,15 +1,15 @@
 """The spot check: before an iteration trains, does a human still prefer the self-reward's winners?
 
 Later SAIL iterations train on pairs their own model labelled. When that self-reward drifts from
-human taste the loop trains on wrong pairs and the model gets worse (the toy's runs show it: README,
-"Longer runs"). Held-out seed pairs (tools/drift_guard.py) were drawn by the base model and do not see
+human taste the loop trains on wrong pairs and the model gets worse (the toy's runs show it:
+toy/RESULTS.md, section 6). Held-out seed pairs (tools/drift_guard.py) were drawn by the base model and do not see
 this; a spot check asks about the pairs the loop is about to train on. Before iteration ITER trains,
 a human labels M of iter_XX/pairs.jsonl (one per prompt, chosen by a seeded hash; sides shuffled, the
 self-reward's choice not shown) on the labelling page. The agreement is the share of a/b judgements that prefer
 the self-reward's winner (ties and skips dropped). The first iteration checked is the reference: an
 agreement more than --drop below it (or below --below) ends the loop before ITER trains, and model
 ITER-1 is the one to keep (toy/study_guard.py replays the rule on finished toy runs; its results are in
-the README). A drop rather than a fixed threshold: a noisy human agrees less with every pair.
+toy/RESULTS.md, section 8). A drop rather than a fixed threshold: a noisy human agrees less with every pair.
 
 Commands (run_all.sh runs it between 02 and 03 with GUARD=spot, with --labeller toy in a run that
 toy.data made):
