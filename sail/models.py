@@ -186,11 +186,11 @@ def load_unet(desc, dtype=torch.float32):
         raise SailError(f"cannot load the UNet of {desc.unet or desc.base_path}: {err}") from None
 
 
-def load_pipeline(desc, device, dtype, sampler=None, encoding=False, vae_dtype=None):
+def load_pipeline(desc, device, dtype, sampler=None, encoding=False, vae_fp32=None):
     """The diffusers pipeline of the base model with the checkpoint's UNet swapped in. With
-    encoding=True (the VAE encodes images for a loss or a reward) SDXL's VAE runs in float32: it
-    overflows in half precision (its config sets force_upcast; the pipeline upcasts only to decode).
-    vae_dtype: the VAE's precision instead (encoding_vae_dtype)."""
+    encoding=True (the VAE encodes images for a loss or a reward) the VAE runs in the precision
+    encoding_vae_dtype gives (vae_fp32: --vae-fp32 / --no-vae-fp32): float32 for SDXL unless asked
+    otherwise, whose VAE overflows in half precision (the pipeline upcasts it only to decode)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.disable_progress_bar()
@@ -204,13 +204,14 @@ def load_pipeline(desc, device, dtype, sampler=None, encoding=False, vae_dtype=N
         if not Path(desc.base_path).exists():
             hub_model(desc.base_path)
         raise SailError(f"cannot load model {desc.base_path}: {err}") from None
-    if vae_dtype is None and encoding and desc.arch == "sdxl":
-        vae_dtype = torch.float32
-    if vae_dtype is not None and pipe.vae.dtype != vae_dtype:
+    vae_dtype = encoding_vae_dtype(desc.arch, dtype, vae_fp32) if encoding else dtype
+    if pipe.vae.dtype != vae_dtype:
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # its warning about fp32 modules is meant for half precision casts
-        pipe.vae.to(vae_dtype)
-        diffusers_logging.set_verbosity(verbosity)
+        try:
+            pipe.vae.to(vae_dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
     if sampler:
         use_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)

@@ -126,8 +126,7 @@ def load_models(job):
     LoRA on it whose adapter switched off is the reference), the optimizer and its schedule."""
     args, device = job.args, job.device
     job.frozen_dtype = models.inference_dtype(device, args.mixed_precision)
-    vae_dtype = models.encoding_vae_dtype(job.init.arch, job.frozen_dtype, args.vae_fp32)
-    job.pipe = pipe = models.load_pipeline(job.init, device, job.frozen_dtype, vae_dtype=vae_dtype)
+    job.pipe = pipe = models.load_pipeline(job.init, device, job.frozen_dtype, encoding=True, vae_fp32=args.vae_fp32)
     unet = models.load_unet(job.init, torch.float32)
     n_params = sum(p.numel() for p in unet.parameters())
     states = 3 * args.keep_states if args.save_every else 0  # each: the weights and AdamW's two moments

@@ -56,8 +56,9 @@ def test_the_vae_precision_is_set_quietly(capfd):
     import torch
 
     from sail import models
-    for arch, kwargs in (("sd15", dict(vae_dtype=torch.float32)), ("sdxl", dict(encoding=True)),
-                         ("sd15", dict(vae_dtype=torch.bfloat16))):
-        pipe = models.load_pipeline(models.describe_model(f"tiny-{arch}"), torch.device("cpu"), torch.float32, **kwargs)
-        assert pipe.vae.dtype == kwargs.get("vae_dtype", torch.float32)
+    for arch, dtype, kwargs, vae_dtype in (("sd15", torch.float32, dict(encoding=True), torch.float32),
+                                           ("sdxl", torch.bfloat16, dict(encoding=True), torch.float32),
+                                           ("sd15", torch.bfloat16, dict(encoding=True, vae_fp32=True), torch.float32)):
+        pipe = models.load_pipeline(models.describe_model(f"tiny-{arch}"), torch.device("cpu"), dtype, **kwargs)
+        assert pipe.vae.dtype == vae_dtype
     assert "should be kept in float32" not in capfd.readouterr().err
