@@ -101,15 +101,19 @@ class LatentCache:
             self.nbytes += latents.nbytes
 
 
+def step_pairs(order, step, batch_size, rank, num_processes):
+    """The pair indices process `rank` trains on in `step`: every num_processes-th of the step's pairs."""
+    return order[step * batch_size:(step + 1) * batch_size][rank::num_processes]
+
+
 def future_uses(order, start_step, total_steps, batch_size, rank, num_processes):
     """Pair indices this process trains on from start_step on, each as often as it comes."""
-    return [i for step in range(start_step, total_steps)
-            for i in order[step * batch_size:(step + 1) * batch_size][rank::num_processes]]
+    return [i for step in range(start_step, total_steps) for i in step_pairs(order, step, batch_size, rank, num_processes)]
 
 
 def micro_batches(order, step, batch_size, rank, num_processes, micro):
     """The pair indices of each micro batch this process trains on in `step`."""
-    mine = order[step * batch_size:(step + 1) * batch_size][rank::num_processes]
+    mine = step_pairs(order, step, batch_size, rank, num_processes)
     return [mine[m:m + micro] for m in range(0, len(mine), micro)]
 
 
